@@ -1,0 +1,107 @@
+"""The ``gradexp`` command: subcommands, and the only ``@hydra.main`` of the package.
+
+torch is imported inside the commands, never at import time, so ``--help`` and
+shell completion stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gradexp import __version__
+from gradexp.config import register_configs
+from gradexp.errors import ConfigError
+
+CONFIG_DIR = str(Path(__file__).parent / "configs")
+
+# Used by hydra.run.dir / hydra.sweep.subdir: "_<overrides>" or nothing.
+OmegaConf.register_new_resolver("gradexp_suffix", lambda s: f"_{s}" if s else "", replace=True)
+register_configs()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit: the contract for bad input."""
+    print(f"gradexp: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def _train_app(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    from gradexp.config import to_config
+    from gradexp.train import NonFiniteError, run
+
+    try:
+        summary = run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as e:
+        fail(str(e))
+    except NonFiniteError as e:  # on_nonfinite=raise
+        fail(str(e), code=1)
+    if summary["status"] == "interrupted":
+        raise SystemExit(130)
+    # The launcher's return value: Hydra's multirun keeps it; optuna reads a float.
+    return summary["status"]
+
+
+def _train(args: list[str]) -> None:
+    from gradexp.preflight import preflight
+
+    if not any(a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args):
+        try:
+            preflight(args, CONFIG_DIR)
+        except ConfigError as e:
+            fail(str(e))
+    sys.argv = [sys.argv[0], *args]
+    _train_app()
+
+
+def _completion(args: list[str]) -> None:
+    # Hydra's completion script calls `gradexp -sc query=bash` with the whole
+    # command line in COMP_LINE; drop the subcommand so Hydra sees its own app.
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split(" ", 2)
+    if len(words) >= 2 and words[1] == "train":
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    sys.argv = [sys.argv[0], *args]
+    _train_app()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradexp",
+        description="A laboratory for vanishing and exploding gradients.",
+        epilog="Run `gradexp train --help` for the config groups and their options.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"gradexp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train one configuration, or a sweep with -m (Hydra overrides: key=value ...)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-sc", "--shell-completion"):
+        return _completion(argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        raise SystemExit(2)
+    if argv[0] == "train":
+        return _train(argv[1:])
+    parser.parse_args(argv)  # prints help, version, or an error naming the commands
+
+
+if __name__ == "__main__":
+    main()

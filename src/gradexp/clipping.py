@@ -1,0 +1,117 @@
+"""Gradient clipping: none, value, norm, and adaptive (AGC, Brock et al. 2021).
+
+A clipper always clips; on measuring steps it also returns what it did, as
+device tensors that the trainer brings to the host once per logging step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from gradexp.config import AGCConfig, ClipConfig, NormClipConfig, ValueClipConfig
+
+Stats = dict[str, torch.Tensor]
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def unit_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (units, rest): one row per output unit (dim 0), one row for 1-D or scalar."""
+    return t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(1, -1)
+
+
+class Clipper:
+    """Clips the gradients of ``params`` in place according to ``cfg``.
+
+    Args:
+        cfg: the clip config.
+        params: the parameters, in the trainer's order.
+        names: their qualified names (AGC leaves out the modules in ``cfg.exclude``).
+        layer_index: the depth layer of each parameter.
+        num_layers: how many depth layers there are.
+    """
+
+    def __init__(
+        self,
+        cfg: ClipConfig,
+        params: list[nn.Parameter],
+        names: list[str],
+        layer_index: list[int],
+        num_layers: int,
+    ) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        if isinstance(cfg, AGCConfig):
+            excluded = [any(n == e or n.startswith(e + ".") for e in cfg.exclude) for n in names]
+            self.agc_params = [i for i, ex in enumerate(excluded) if not ex]
+            # Parameters whose unit views share a shape are clipped as one stacked tensor.
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i in self.agc_params:
+                p = params[i]
+                groups[(tuple(unit_view(p).shape), p.dtype, p.device)].append(i)
+            self.groups = list(groups.values())
+            units = torch.zeros(num_layers)
+            for i in self.agc_params:
+                units[layer_index[i]] += unit_view(params[i]).shape[0]
+            self.layer_units = units
+            self.layer_index = torch.tensor(layer_index)
+
+    @torch.no_grad()
+    def __call__(self, measure: bool = False) -> Stats:
+        """Clip in place; return statistics of the clipping when ``measure``."""
+        cfg = self.cfg
+        if isinstance(cfg, NormClipConfig):
+            total = nn.utils.clip_grad_norm_(self.params, cfg.max_norm, cfg.norm_type, foreach=True)
+            # The factor clip_grad_norm_ applied (1 when the norm was below max_norm).
+            return {"coef": (cfg.max_norm / (total + 1e-6)).clamp(max=1.0)} if measure else {}
+        if isinstance(cfg, ValueClipConfig):
+            stats = {}
+            if measure:
+                hit = sum((g.abs() > cfg.threshold).sum() for g in _grads(self.params))
+                stats["frac"] = torch.as_tensor(hit, dtype=torch.float32) / self.numel
+            nn.utils.clip_grad_value_(self.params, cfg.threshold, foreach=True)
+            return stats
+        if isinstance(cfg, AGCConfig):
+            return self._agc(cfg, measure)
+        return {}
+
+    def _agc(self, cfg: AGCConfig, measure: bool) -> Stats:
+        # For each unit i (row of a weight): if ||G_i|| > lambda * max(||W_i||, eps),
+        # G_i <- G_i * lambda * max(||W_i||, eps) / max(||G_i||, 1e-6).
+        clipped_per_param: dict[int, torch.Tensor] = {}
+        for idx in self.groups:
+            idx = [i for i in idx if self.params[i].grad is not None]
+            if not idx:
+                continue
+            w = torch.stack([unit_view(self.params[i]) for i in idx])
+            g = torch.stack([unit_view(self.params[i].grad) for i in idx])
+            max_norm = torch.linalg.vector_norm(w, dim=-1).clamp_min(cfg.eps) * cfg.clipping
+            g_norm = torch.linalg.vector_norm(g, dim=-1)
+            clipped = g_norm > max_norm
+            scale = torch.where(clipped, max_norm / g_norm.clamp_min(1e-6), 1.0)
+            for j, i in enumerate(idx):
+                grad = self.params[i].grad
+                # (units,) -> (units, 1, ...) against the grad's own layout
+                grad.mul_(scale[j].reshape((-1,) + (1,) * (grad.ndim - 1)) if grad.ndim else scale[j][0])
+            if measure:
+                for j, i in enumerate(idx):
+                    clipped_per_param[i] = clipped[j].sum()
+        if not measure:
+            return {}
+        device = self.params[0].device
+        layer_hits = torch.zeros(len(self.layer_units), device=device)
+        if clipped_per_param:
+            index = self.layer_index[list(clipped_per_param)].to(device)
+            hits = torch.stack(list(clipped_per_param.values())).float()
+            layer_hits.index_add_(0, index, hits)
+        units = self.layer_units.to(device)
+        return {
+            "frac": layer_hits.sum() / units.sum().clamp_min(1),
+            "layer_frac": layer_hits / units.clamp_min(1),
+        }

@@ -1,0 +1,1 @@
+"""Hydra config groups shipped with gradexp (one YAML per option)."""

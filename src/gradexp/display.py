@@ -1,0 +1,111 @@
+"""What a person sees in the terminal: a live progress bar and the final per-layer table.
+
+When stdout is not a terminal, progress is printed as plain lines instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+class ProgressReporter:
+    """Shows step, loss, total gradient norm and steps/s.
+
+    Args:
+        mode: rich (live bar), plain (a line every ~5% of the run), off, or auto
+            (rich on a terminal, plain otherwise).
+        total: the number of steps.
+        console: where to print.
+    """
+
+    def __init__(self, mode: str, total: int, console: Console) -> None:
+        if mode == "auto":
+            mode = "rich" if console.is_terminal else "plain"
+        self.mode, self.total, self.console = mode, total, console
+        self.every = max(1, total // 20)
+        self.next_line = 0
+        self.bar: Progress | None = None
+        if mode == "rich":
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  |g| {task.fields[gnorm]}"),
+                TextColumn("{task.fields[rate]} steps/s"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task("train", total=total, loss="-", gnorm="-", rate="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, grad_norm: float, rate: float) -> None:
+        """Called on logging steps, with numbers already on the host."""
+        if self.bar is not None:
+            self.bar.update(
+                self.task, completed=step + 1, loss=_fmt(loss), gnorm=_fmt(grad_norm),
+                rate=f"{rate:.0f}",
+            )
+        elif self.mode == "plain" and (step >= self.next_line or step + 1 == self.total):
+            self.next_line = step + self.every
+            self.console.print(
+                f"step {step + 1}/{self.total}  loss {_fmt(loss)}  |g| {_fmt(grad_norm)}"
+                f"  {rate:.0f} steps/s",
+                highlight=False,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def layer_table(summary: dict[str, Any]) -> Table:
+    """The per-layer figures of a finished run, first (step 0) and last logged step."""
+    layers = summary["layers"]
+    table = Table(title=f"gradexp: {summary['status']} after {summary['steps']} steps")
+    table.add_column("layer", justify="left")
+    for key, label in (("grad_norm", "|grad|"), ("signal_bwd", "bwd signal"), ("signal_fwd", "fwd RMS")):
+        table.add_column(f"{label} first", justify="right")
+        table.add_column(f"{label} last", justify="right")
+    table.add_column("upd/w last", justify="right")
+    for layer in layers:
+        table.add_row(
+            f"{layer['index']:>2} {layer['name']}",
+            *(_fmt(layer[k][w]) for k in ("grad_norm", "signal_bwd", "signal_fwd") for w in ("first", "last")),
+            _fmt(layer["update_ratio"]["last"]),
+        )
+    if layers:
+        first, last = layers[0], layers[-1]
+        cells = [
+            _fmt(_ratio(first[k][w], last[k][w]))
+            for k in ("grad_norm", "signal_bwd", "signal_fwd")
+            for w in ("first", "last")
+        ]
+        table.add_section()
+        table.add_row("first/last", *cells, "", style="bold")
+    return table
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    console.print(layer_table(summary))
+    metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in summary["metrics"].items())
+    console.print(f"status [bold]{summary['status']}[/]  {metrics}", highlight=False)
+    if summary.get("nonfinite"):
+        nf = summary["nonfinite"]
+        console.print(f"first non-finite gradient: step {nf['step']}, layer {nf['layer']}")

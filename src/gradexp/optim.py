@@ -1,0 +1,40 @@
+"""Optimizers and learning-rate schedules by short name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from gradexp.config import AdamConfig, OptimConfig, RMSpropConfig, Schedule, SGDConfig
+from gradexp.errors import ConfigError
+
+
+def create_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD is the default on purpose: adaptive optimizers rescale each parameter's
+    step and so hide a vanishing gradient (see DOMAIN.md)."""
+    if isinstance(cfg, SGDConfig):
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    if isinstance(cfg, AdamConfig):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+    if isinstance(cfg, RMSpropConfig):
+        return torch.optim.RMSprop(
+            params, lr=cfg.lr, alpha=cfg.alpha, momentum=cfg.momentum, eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+    raise ConfigError(f"optim={cfg.name}: unknown; choose from sgd, adam, adamw, rmsprop")
+
+
+def create_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == Schedule.cosine:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

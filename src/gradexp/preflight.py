@@ -1,0 +1,83 @@
+"""Compose and validate every job of a command line before any job starts.
+
+Hydra reports composition errors over several lines; a user of this tool gets
+one line naming the bad value and the allowed ones, and a sweep with one bad
+combination fails before its first job trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from gradexp.config import to_config
+from gradexp.errors import ConfigError
+
+MAX_JOBS = 512  # compose at most this many jobs of a sweep up front
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _describe(ex: Exception, overrides: list[str]) -> str:
+    if isinstance(ex, MissingConfigException) and ex.missing_cfg_file and ex.options:
+        group, _, option = ex.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: unknown option; choose from {', '.join(ex.options)}"
+    cause = ex.__cause__
+    if isinstance(cause, ConfigKeyError) and dataclasses.is_dataclass(cause.object_type):
+        keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
+        return f"{cause.full_key}: unknown key; {_group_of(cause.full_key)} has {keys}"
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key), None)
+        prefix = f"{key}={value}" if value is not None else key or _first_line(str(ex))
+        return f"{prefix}: {_first_line(str(cause))}"
+    return _first_line(str(ex)).replace("\n", " ")
+
+
+def _group_of(full_key: str) -> str:
+    return full_key.rpartition(".")[0] or "the config"
+
+
+def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
+    """The task overrides of each job the command line would run, and whether it is a sweep."""
+    try:
+        parsed = get_args_parser().parse_args(args)
+    except SystemExit as e:  # argparse already printed its one-line error
+        raise ConfigError("bad command line (see above)") from e
+    task = [o for o in parsed.overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(task)
+    except HydraException as e:
+        raise ConfigError(_first_line(str(e))) from e
+    if not parsed.multirun:
+        return [task], False
+    axes: list[list[str]] = []
+    for o in overrides:
+        key = o.get_key_element()
+        if o.is_discrete_sweep():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        elif o.is_sweep_override():
+            continue  # a range or interval for a sweeper plugin: validated when it runs
+        else:
+            axes.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.islice(itertools.product(*axes), MAX_JOBS)], True
+
+
+def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
+    """Raise ConfigError (one line) if any job of this command line would fail to compose."""
+    jobs, _ = job_overrides(args)
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        for overrides in jobs:
+            try:
+                cfg = compose(config_name, overrides=overrides)
+            except (HydraException, OmegaConfBaseException) as e:
+                raise ConfigError(_describe(e, overrides)) from e
+            to_config(cfg)

@@ -1,0 +1,127 @@
+"""Per-layer gradient, weight and signal statistics, computed beside the model.
+
+Everything here returns device tensors; the trainer brings a logging step's
+numbers to the host in one transfer. Nothing is attached to the model between
+logging steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass
+class LayerMap:
+    """A model's parameters grouped by depth layer, input to output.
+
+    Attributes:
+        tags: per-layer tag suffix, zero-padded index + module name ("00_hidden.0").
+        modules: the layer modules, whose outputs are the signals h.
+        params: every trainable parameter, in layer order.
+        param_names: their qualified names.
+        layer_of: the layer of each parameter.
+        index: the same, as a device tensor for index_add.
+    """
+
+    tags: list[str]
+    modules: list[nn.Module]
+    params: list[nn.Parameter]
+    param_names: list[str]
+    layer_of: list[int]
+    index: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LayerMap:
+        layers = model.depth_layers()
+        width = max(2, len(str(len(layers) - 1)))
+        tags = [f"{i:0{width}d}_{name}" for i, (name, _) in enumerate(layers)]
+        owner = {}
+        for i, (name, module) in enumerate(layers):
+            for pname, p in module.named_parameters(prefix=name):
+                owner[id(p)] = (i, pname)
+        params, names, layer_of = [], [], []
+        for pname, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) not in owner:
+                raise ValueError(f"parameter {pname} belongs to no depth layer")
+            layer_of.append(owner[id(p)][0])
+            params.append(p)
+            names.append(pname)
+        device = params[0].device
+        index = torch.tensor(layer_of, device=device)
+        return cls(tags, [m for _, m in layers], params, names, layer_of, index)
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def grads(self) -> list[torch.Tensor]:
+        """Each parameter's gradient (zeros for one that received none)."""
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def layer_sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Squared L2 norm of each layer's tensors taken together, shape (layers,)."""
+        norms = torch.stack(torch._foreach_norm(tensors)).float()
+        out = torch.zeros(len(self), device=norms.device)
+        return out.index_add_(0, self.index, norms.square())
+
+
+def rms(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().square().mean().sqrt()
+
+
+class SignalProbe:
+    """Records each layer's forward signal RMS(h) and backward signal, while entered.
+
+    The backward signal of layer output h is the per-example RMS of dl_i/dh, with
+    l_i example i's loss: for a batch-mean loss L that is B * dL/dh. Tensor hooks
+    are used (module backward hooks break on in-place ops), and every hook is
+    removed on exit.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.handles: list[RemovableHandle] = []
+        n = len(modules)
+        self.fwd: list[torch.Tensor | None] = [None] * n
+        self.bwd: list[torch.Tensor | None] = [None] * n
+
+    def __enter__(self) -> SignalProbe:
+        for i, module in enumerate(self.modules):
+            self.handles.append(module.register_forward_hook(self._forward_hook(i)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _forward_hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.fwd[i] = rms(output)
+            if output.requires_grad:
+                batch = output.shape[0]
+
+                def on_grad(grad: torch.Tensor) -> None:
+                    self.bwd[i] = rms(grad) * batch
+
+                output.register_hook(on_grad)
+
+        return hook
+
+    def result(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward, backward) signal per layer; NaN where a layer was not reached."""
+        nan = torch.tensor(float("nan"), device=device)
+        fwd = torch.stack([nan if v is None else v for v in self.fwd])
+        bwd = torch.stack([nan if v is None else v for v in self.bwd])
+        return fwd, bwd

@@ -1,0 +1,423 @@
+"""The one training loop: ``run(cfg, output_dir) -> summary``.
+
+Per step: forward, backward, (AMP unscale), gradient statistics before
+clipping, clip, statistics after clipping, finite check, optimizer step.
+Statistics stay on the device; a logging step brings them to the host in one
+transfer, and a step that does not log never waits for the device (on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from gradexp.clipping import Clipper
+from gradexp.config import Amp, Config, OnNonfinite
+from gradexp.data import Dataset, load_data
+from gradexp.display import ProgressReporter, print_summary
+from gradexp.errors import ConfigError
+from gradexp.init import init_weights
+from gradexp.metrics import MetricLogger, NullLogger, TensorBoardLogger
+from gradexp.models import create_model
+from gradexp.optim import create_optimizer, create_scheduler
+from gradexp.telemetry import LayerMap, SignalProbe
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
+# Scalars whose final values go into summary.json and the HParams tab.
+FINAL_METRICS = (
+    "loss/train", "acc/train", "loss/test", "acc/test",
+    "flow/grad_norm_ratio", "flow/signal_bwd_ratio",
+)
+
+
+class NonFiniteError(RuntimeError):
+    """on_nonfinite=raise: a loss or gradient went non-finite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name}: CUDA is not available here; choose from auto, cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"trainer.device={name}: no such GPU; choose from "
+                + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+            )
+    return device
+
+
+def check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".gradexp-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output dir {output_dir}: cannot be written ({e.strerror})") from None
+
+
+def custom_scalars_layout() -> dict[str, Any]:
+    """TensorBoard's Custom Scalars tab: every layer of a quantity on one chart."""
+    def chart(tag: str) -> list[Any]:
+        return ["Multiline", [rf"^{tag}/\d+_"]]
+
+    return {
+        "gradient flow": {
+            "gradient norm per layer": chart("grad_norm"),
+            "backward signal per layer": chart("signal_bwd"),
+            "forward signal per layer": chart("signal_fwd"),
+            "update/weight ratio per layer": chart("update_ratio"),
+            "weight norm per layer": chart("weight_norm"),
+        },
+        "clipping": {
+            "total gradient norm": ["Multiline", [r"^grad/norm_"]],
+            "AGC clipped units per layer": chart("clip_frac"),
+        },
+    }
+
+
+def hparams_of(cfg: Config) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "depth": cfg.model.depth,
+        "width": cfg.model.width,
+        "activation": cfg.activation.name,
+        "init": cfg.init.name,
+        "norm": cfg.norm.name,
+        "clip": cfg.clip.name,
+        "optim": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.trainer.batch_size,
+        "seed": cfg.seed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Any) -> torch.Tensor:
+    """(loss, accuracy) on the whole of x, y in eval mode, as a device tensor."""
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for xb, yb in zip(x.split(4096), y.split(4096)):
+        with amp():
+            out = model(xb).float()
+        loss += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    model.train()
+    return torch.stack([loss, correct]) / len(x)
+
+
+class History:
+    """The first and last logged value of each per-layer quantity, for summary.json."""
+
+    def __init__(self, tags: list[str]) -> None:
+        self.tags = tags
+        self.first: dict[str, list[float]] = {}
+        self.last: dict[str, list[float]] = {}
+
+    def add(self, key: str, values: list[float]) -> None:
+        self.first.setdefault(key, values)
+        self.last[key] = values
+
+    def layers(self) -> list[dict[str, Any]]:
+        def pick(store: dict[str, list[float]], key: str, i: int) -> float | None:
+            v = store.get(key)
+            return None if v is None or math.isnan(v[i]) else v[i]
+
+        out = []
+        for i, tag in enumerate(self.tags):
+            entry: dict[str, Any] = {"index": i, "name": tag.split("_", 1)[1]}
+            for key in (*PER_LAYER, "weight_norm", "update_ratio"):
+                entry[key] = {"first": pick(self.first, key, i), "last": pick(self.last, key, i)}
+            out.append(entry)
+        return out
+
+
+def _ratio(values: list[float]) -> float:
+    return values[0] / values[-1] if values[-1] else math.nan
+
+
+def run(
+    cfg: Config,
+    output_dir: Path,
+    logger: MetricLogger | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` and write its TensorBoard run and summary.json into ``output_dir``.
+
+    Returns the summary (also written to ``output_dir/summary.json``). A run that
+    goes non-finite with on_nonfinite=stop ends with status ``diverged``: in this
+    tool divergence is a result, not an error.
+    """
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    output_dir = Path(output_dir)
+    check_writable(output_dir)
+    console = console or Console()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+
+    data: Dataset = load_data(cfg.data, device)
+    model = create_model(cfg, data.spec).to(device)
+    notes = init_weights(model, cfg.init, cfg.activation)
+    layers = LayerMap.of(model)
+    optimizer = create_optimizer(cfg.optim, layers.params)
+    scheduler = create_scheduler(cfg.optim, optimizer, t.steps)
+    clipper = Clipper(cfg.clip, layers.params, layers.param_names, layers.layer_of, len(layers))
+    use_amp = t.amp != Amp.off
+    amp_dtype = torch.bfloat16 if t.amp == Amp.bf16 else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == Amp.fp16)
+
+    def amp() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+
+    weights = [p for n, p in zip(layers.param_names, layers.params) if n.endswith("weight")]
+    batches = torch.Generator(device=device).manual_seed(cfg.seed)
+    logger = logger if logger is not None else TensorBoardLogger(output_dir, custom_scalars_layout())
+    for note in notes:
+        logger.text("run/notes", note, 0)
+    history = History(layers.tags)
+    last: dict[str, float] = {}
+    # Non-finite bookkeeping lives on the device so that steps need not synchronize:
+    # the first bad step, and which layers' gradients were non-finite then.
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    first_bad_layers = torch.zeros(len(layers), dtype=torch.bool, device=device)
+    # CPU "synchronization" is free, so check every step there; on CUDA only when
+    # logging (on_nonfinite=skip must decide every step, as GradScaler does).
+    check_every_step = device.type != "cuda" or t.on_nonfinite == OnNonfinite.skip
+    skipped = 0
+    status, error, steps_done = "completed", None, 0
+    progress = ProgressReporter(t.progress, t.steps, console)
+    start = time.perf_counter()
+    log_time, log_step = start, -1
+
+    def summary() -> dict[str, Any]:
+        wall = time.perf_counter() - start
+        bad = int(first_bad_step)
+        nonfinite = None
+        if bad >= 0:
+            hit = first_bad_layers.nonzero().flatten().tolist()
+            # Backprop runs output -> input, so the bad layer nearest the output came first.
+            layer = layers.tags[max(hit)].split("_", 1)[1] if hit else None
+            nonfinite = {"step": bad, "layer": layer}
+        return {
+            "status": status,
+            "error": error,
+            "steps": steps_done,
+            "metrics": {k: last[k] for k in FINAL_METRICS if k in last},
+            "layers": history.layers(),
+            "nonfinite": nonfinite,
+            "skipped_steps": skipped,
+            "wall_time_s": round(wall, 3),
+            "steps_per_s": round(steps_done / wall, 2) if wall > 0 else None,
+            "device": str(device),
+            "notes": notes,
+        }
+
+    try:
+        for step in range(t.steps):
+            log_now = step % t.log_every == 0 or step == t.steps - 1
+            x, y = data.batch(t.batch_size, batches)
+            probe = SignalProbe(layers.modules) if log_now else contextlib.nullcontext()
+            with probe:
+                with amp():
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                total_loss = loss
+                if cfg.optim.l1:
+                    total_loss = loss + cfg.optim.l1 * sum(w.abs().sum() for w in weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total_loss).backward()
+            scaler.unscale_(optimizer)  # a no-op without fp16: statistics see true gradients
+
+            grads = layers.grads()
+            pre_sq = layers.layer_sq_norms(grads)
+            stats: dict[str, torch.Tensor] = {}
+            if log_now:
+                fwd, bwd = probe.result(device)
+                if scaler.is_enabled():
+                    bwd = bwd / scaler.get_scale()  # tensor hooks saw the scaled loss
+                stats.update(
+                    loss=loss.detach(), acc=(out.argmax(1) == y).float().mean(),
+                    grad_norm=pre_sq.sqrt(), signal_fwd=fwd, signal_bwd=bwd,
+                    total_pre=pre_sq.sum().sqrt(),
+                    weight_sq=layers.layer_sq_norms([p.detach() for p in layers.params]),
+                )
+                if t.per_param:
+                    stats["param_norm"] = torch.stack(torch._foreach_norm(grads))
+                if step % t.hist_every == 0:
+                    for tag, g in zip(layers.tags, _layer_grads(layers, grads)):
+                        logger.histogram(f"grad_hist/{tag}", g, step)
+                        stats[f"nonfinite:{tag}"] = (~torch.isfinite(g)).sum()
+            clip_stats = clipper(measure=log_now)
+            if log_now and cfg.clip.name != "none":
+                post_sq = layers.layer_sq_norms(layers.grads())
+                stats.update(grad_norm_clipped=post_sq.sqrt(), total_post=post_sq.sum().sqrt())
+                stats.update({f"clip:{k}": v for k, v in clip_stats.items()})
+
+            # Finite check. With fp16 the scaler owns gradient overflow (it skips the step
+            # and lowers the scale); otherwise a non-finite gradient norm is divergence.
+            layer_bad = ~torch.isfinite(pre_sq)
+            bad = ~torch.isfinite(loss.detach())
+            if not scaler.is_enabled():
+                bad = bad | layer_bad.any()
+            newly = bad & (first_bad_step < 0)
+            first_bad_step = torch.where(newly, step, first_bad_step)
+            first_bad_layers = torch.where(newly, layer_bad, first_bad_layers)
+            if (check_every_step or log_now) and bool(first_bad_step >= 0):
+                if t.on_nonfinite == OnNonfinite.skip:
+                    if bool(bad):
+                        skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        steps_done = step + 1
+                        continue
+                else:
+                    steps_done = int(first_bad_step)
+                    status = "diverged"
+                    if log_now:
+                        _log_step(logger, layers, stats, {}, step, last, history, optimizer, scaler)
+                    break
+
+            if log_now:
+                before = [p.detach().clone() for p in layers.params]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            steps_done = step + 1
+
+            if log_now:
+                delta = torch._foreach_sub([p.detach() for p in layers.params], before)
+                extra = {"update_sq": layers.layer_sq_norms(delta)}
+                if step % t.eval_every == 0 or step == t.steps - 1:
+                    extra["test"] = evaluate(model, data.x_test, data.y_test, amp)
+                now = time.perf_counter()
+                rate = (step - log_step) / max(now - log_time, 1e-9)
+                log_time, log_step = now, step
+                values = _log_step(logger, layers, stats, extra, step, last, history, optimizer, scaler)
+                values["perf/steps_per_s"] = rate
+                logger.scalars({"perf/steps_per_s": rate}, step)
+                progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except Exception as e:
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        progress.close()
+        result = summary()
+        _finish(logger, cfg, result, output_dir)
+    if status == "diverged" and t.on_nonfinite.name == "raise":
+        nf = result["nonfinite"]
+        raise NonFiniteError(f"non-finite loss or gradient at step {nf['step']} (layer {nf['layer']})")
+    print_summary(result, console)
+    return result
+
+
+def _layer_grads(layers: LayerMap, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    per_layer: list[list[torch.Tensor]] = [[] for _ in layers.tags]
+    for i, g in zip(layers.layer_of, grads):
+        per_layer[i].append(g.detach().flatten())
+    return [torch.cat(gs) if gs else torch.zeros(0) for gs in per_layer]
+
+
+def _log_step(
+    logger: MetricLogger,
+    layers: LayerMap,
+    stats: dict[str, torch.Tensor],
+    extra: dict[str, torch.Tensor],
+    step: int,
+    last: dict[str, float],
+    history: History,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, float]:
+    """Bring one logging step's statistics to the host in one transfer and log them."""
+    merged = {**stats, **extra}
+    keys = list(merged)
+    flat = torch.cat([merged[k].detach().float().flatten() for k in keys]).tolist()
+    host: dict[str, list[float]] = {}
+    offset = 0
+    for k in keys:
+        n = merged[k].numel()
+        host[k] = flat[offset : offset + n]
+        offset += n
+
+    weight = [math.sqrt(v) for v in host["weight_sq"]]
+    per_layer = {
+        "grad_norm": host["grad_norm"],
+        "signal_bwd": host["signal_bwd"],
+        "signal_fwd": host["signal_fwd"],
+        "weight_norm": weight,
+    }
+    if "update_sq" in host:
+        per_layer["update_ratio"] = [
+            math.sqrt(u) / w if w else math.nan for u, w in zip(host["update_sq"], weight)
+        ]
+    if "grad_norm_clipped" in host:
+        per_layer["grad_norm_clipped"] = host["grad_norm_clipped"]
+    if "clip:layer_frac" in host:
+        per_layer["clip_frac"] = host["clip:layer_frac"]
+
+    values: dict[str, float] = {
+        "loss/train": host["loss"][0],
+        "acc/train": host["acc"][0],
+        "grad/norm_pre_clip": host["total_pre"][0],
+        "opt/lr": optimizer.param_groups[0]["lr"],
+        "flow/grad_norm_ratio": _ratio(host["grad_norm"]),
+        "flow/signal_bwd_ratio": _ratio(host["signal_bwd"]),
+        "flow/signal_fwd_ratio": _ratio(host["signal_fwd"]),
+    }
+    if "total_post" in host:
+        values["grad/norm_post_clip"] = host["total_post"][0]
+    if "clip:coef" in host:
+        values["clip/coef"] = host["clip:coef"][0]
+    if "clip:frac" in host:
+        values["clip/frac"] = host["clip:frac"][0]
+    if scaler.is_enabled():
+        values["amp/scale"] = scaler.get_scale()
+    if "test" in host:
+        values["loss/test"], values["acc/test"] = host["test"]
+    for key, per in per_layer.items():
+        for tag, v in zip(layers.tags, per):
+            values[f"{key}/{tag}"] = v
+        history.add(key, per)
+    for tag in layers.tags:
+        if f"nonfinite:{tag}" in host:
+            values[f"grad_nonfinite/{tag}"] = host[f"nonfinite:{tag}"][0]
+    if "param_norm" in host:
+        for name, v in zip(layers.param_names, host["param_norm"]):
+            values[f"grad_norm_param/{name}"] = v
+    logger.scalars(values, step)
+    last.update(values)
+    return values
+
+
+def _finish(logger: MetricLogger, cfg: Config, result: dict[str, Any], output_dir: Path) -> None:
+    """Write hparams and summary.json, flush TensorBoard: on every way out of a run."""
+    try:
+        hp = {**hparams_of(cfg), "status": result["status"]}
+        logger.hparams(hp, [k for k in FINAL_METRICS])
+        logger.text("run/summary", "```\n" + json.dumps(result, indent=2) + "\n```", result["steps"])
+        logger.close()
+    finally:
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
