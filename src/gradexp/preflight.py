@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gradexp.config import to_config
 from gradexp.errors import ConfigError
@@ -31,7 +32,7 @@ def _describe(ex: Exception, overrides: list[str]) -> str:
         group, _, option = ex.missing_cfg_file.rpartition("/")
         return f"{group}={option}: unknown option; choose from {', '.join(ex.options)}"
     cause = ex.__cause__
-    if isinstance(cause, ConfigKeyError) and dataclasses.is_dataclass(cause.object_type):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(cause.object_type):
         keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         return f"{cause.full_key}: unknown key; {_group_of(cause.full_key)} has {keys}"
     if isinstance(cause, OmegaConfBaseException):
@@ -71,9 +72,25 @@ def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
     return [list(job) for job in itertools.islice(itertools.product(*axes), MAX_JOBS)], True
 
 
+def check_output_root(args: list[str], multirun: bool) -> None:
+    """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key]
+    # Interpolations (${now:...}) resolve later: check the static part of the path.
+    target = Path((given[-1] if given else "outputs").split("${")[0] or ".").absolute()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".gradexp-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}={target}: cannot be written ({e.strerror})") from None
+
+
 def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
     """Raise ConfigError (one line) if any job of this command line would fail to compose."""
-    jobs, _ = job_overrides(args)
+    jobs, multirun = job_overrides(args)
+    check_output_root(args, multirun)
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for overrides in jobs:
             try:
