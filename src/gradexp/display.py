@@ -78,15 +78,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def layer_table(summary: dict[str, Any]) -> Table:
     """The per-layer figures of a finished run, first (step 0) and last logged step."""
     layers = summary["layers"]
-    table = Table(title=f"gradexp: {summary['status']} after {summary['steps']} steps")
-    table.add_column("layer", justify="left")
-    for key, label in (("grad_norm", "|grad|"), ("signal_bwd", "bwd signal"), ("signal_fwd", "fwd RMS")):
-        table.add_column(f"{label} first", justify="right")
+    table = Table(
+        title=f"per-layer gradients: first logged step (0) and last",
+        caption="|grad|: parameter-gradient norm; bwd: per-example RMS of dL/dh;"
+        " fwd: RMS of h; upd/w: ||dW||/||W||",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("layer", justify="left", no_wrap=True)
+    for label in ("|grad|", "bwd", "fwd"):
+        table.add_column(f"{label} 0", justify="right")
         table.add_column(f"{label} last", justify="right")
-    table.add_column("upd/w last", justify="right")
+    table.add_column("upd/w", justify="right")
     for layer in layers:
         table.add_row(
-            f"{layer['index']:>2} {layer['name']}",
+            str(layer["index"]),
+            layer["name"],
             *(_fmt(layer[k][w]) for k in ("grad_norm", "signal_bwd", "signal_fwd") for w in ("first", "last")),
             _fmt(layer["update_ratio"]["last"]),
         )
@@ -98,14 +104,18 @@ def layer_table(summary: dict[str, Any]) -> Table:
             for w in ("first", "last")
         ]
         table.add_section()
-        table.add_row("first/last", *cells, "", style="bold")
+        table.add_row("", "first/last", *cells, "", style="bold")
     return table
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(layer_table(summary))
     metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in summary["metrics"].items())
-    console.print(f"status [bold]{summary['status']}[/]  {metrics}", highlight=False)
+    console.print(
+        f"status [bold]{summary['status']}[/] after {summary['steps']} steps"
+        f" ({summary['steps_per_s']} steps/s)  {metrics}",
+        highlight=False,
+    )
     if summary.get("nonfinite"):
         nf = summary["nonfinite"]
         console.print(f"first non-finite gradient: step {nf['step']}, layer {nf['layer']}")

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -14,7 +13,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 class MetricLogger(Protocol):
     def scalars(self, values: dict[str, float], step: int) -> None: ...
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None: ...
+    def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
     def flush(self) -> None: ...
@@ -27,7 +26,7 @@ class NullLogger:
     def scalars(self, values: dict[str, float], step: int) -> None:
         pass
 
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+    def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
@@ -60,11 +59,9 @@ class TensorBoardLogger:
         summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
         self.writer.file_writer.add_summary(summary, step)
 
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        values = values.detach().float().flatten()
-        finite = values[torch.isfinite(values)]  # NaN/inf would break the histogram
-        if finite.numel():
-            self.writer.add_histogram(tag, finite.cpu(), step)
+    def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None:
+        """``hist``: add_histogram_raw's arguments (see telemetry.histogram_from_stats)."""
+        self.writer.add_histogram_raw(tag, global_step=step, **hist)
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)

@@ -125,3 +125,48 @@ class SignalProbe:
         fwd = torch.stack([nan if v is None else v for v in self.fwd])
         bwd = torch.stack([nan if v is None else v for v in self.bwd])
         return fwd, bwd
+
+
+HIST_BINS = 64
+
+
+def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
+    """A histogram of the finite entries of ``values``, computed on the device.
+
+    Returns one vector: [nonfinite count, count, min, max, sum, sum of squares,
+    ``bins`` counts over equal-width bins from min to max]. TensorBoard's own
+    histogram sorts on the host, which costs more than a training step.
+    """
+    values = values.detach().float().flatten()
+    finite = torch.isfinite(values)
+    v = values[finite]
+    if v.numel() == 0:
+        head = torch.stack([(~finite).sum().float(), torch.zeros((), device=values.device)])
+        return torch.cat([head, torch.zeros(4 + bins, device=values.device)])
+    lo, hi = v.min(), v.max()
+    head = torch.stack([(~finite).sum().float(), torch.tensor(float(v.numel()), device=v.device),
+                        lo, hi, v.sum(), v.square().sum()])
+    return torch.cat([head, _histc(v, lo, hi, bins)])
+
+
+def _histc(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    # torch.histc takes Python-number bounds; bucketize keeps them on the device.
+    edges = torch.linspace(0, 1, bins + 1, device=v.device)[1:-1] * (hi - lo) + lo
+    idx = torch.bucketize(v, edges)
+    return torch.bincount(idx, minlength=bins).float()
+
+
+def histogram_from_stats(stats: list[float]) -> dict[str, object] | None:
+    """Decode histogram_stats on the host into add_histogram_raw's arguments (None if empty)."""
+    count = int(stats[1])
+    if count == 0:
+        return None
+    lo, hi, total, sq = stats[2:6]
+    counts = stats[6:]
+    bins = len(counts)
+    width = (hi - lo) / bins
+    limits = [lo + width * (i + 1) for i in range(bins)] if width > 0 else [hi]
+    if width == 0:
+        counts = [float(count)]
+    return {"min": lo, "max": hi, "num": count, "sum": total, "sum_squares": sq,
+            "bucket_limits": limits, "bucket_counts": counts}

@@ -30,7 +30,7 @@ from gradexp.init import init_weights
 from gradexp.metrics import MetricLogger, NullLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler
-from gradexp.telemetry import LayerMap, SignalProbe
+from gradexp.telemetry import LayerMap, SignalProbe, histogram_from_stats, histogram_stats
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ def run(
     device = resolve_device(t.device)
     output_dir = Path(output_dir)
     check_writable(output_dir)
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: wide enough for the per-layer table
+            console = Console(width=max(console.width, 120))
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
@@ -267,8 +270,7 @@ def run(
                     stats["param_norm"] = torch.stack(torch._foreach_norm(grads))
                 if step % t.hist_every == 0:
                     for tag, g in zip(layers.tags, _layer_grads(layers, grads)):
-                        logger.histogram(f"grad_hist/{tag}", g, step)
-                        stats[f"nonfinite:{tag}"] = (~torch.isfinite(g)).sum()
+                        stats[f"hist:{tag}"] = histogram_stats(g)
             clip_stats = clipper(measure=log_now)
             if log_now and cfg.clip.name != "none":
                 post_sq = layers.layer_sq_norms(layers.grads())
@@ -402,8 +404,12 @@ def _log_step(
             values[f"{key}/{tag}"] = v
         history.add(key, per)
     for tag in layers.tags:
-        if f"nonfinite:{tag}" in host:
-            values[f"grad_nonfinite/{tag}"] = host[f"nonfinite:{tag}"][0]
+        if f"hist:{tag}" in host:
+            h = host[f"hist:{tag}"]
+            values[f"grad_nonfinite/{tag}"] = h[0]  # counted, kept out of the histogram
+            hist = histogram_from_stats(h)
+            if hist is not None:
+                logger.histogram(f"grad_hist/{tag}", hist, step)
     if "param_norm" in host:
         for name, v in zip(layers.param_names, host["param_norm"]):
             values[f"grad_norm_param/{name}"] = v
