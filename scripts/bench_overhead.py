@@ -36,10 +36,18 @@ CONFIG_DIR = str(Path(gradexp.__file__).parent / "configs")
 
 def make_config(steps: int, log_every: int, device: str):
     overrides = [
-        "model.depth=50", "model.width=256", "activation=tanh", "init=xavier_normal",
-        "data.features=256", f"trainer.steps={steps}", f"trainer.log_every={log_every}",
-        f"trainer.hist_every={10 * steps}", f"trainer.eval_every={10 * steps}",
-        "trainer.progress=off", "trainer.batch_size=128", f"trainer.device={device}",
+        "model.depth=50",
+        "model.width=256",
+        "activation=tanh",
+        "init=xavier_normal",
+        "data.features=256",
+        f"trainer.steps={steps}",
+        f"trainer.log_every={log_every}",
+        f"trainer.hist_every={10 * steps}",
+        f"trainer.eval_every={10 * steps}",
+        "trainer.progress=off",
+        "trainer.batch_size=128",
+        f"trainer.device={device}",
     ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return to_config(compose("config", overrides=overrides))
@@ -90,13 +98,16 @@ def main() -> None:
             times["bare"].append(bare_loop(cfgs[1], device))
             times["log every step"].append(trainer(cfgs[1], Path(tmp) / f"every1-{r}"))
             times["log every 10 steps"].append(trainer(cfgs[10], Path(tmp) / f"every10-{r}"))
-    base = statistics.median(times["bare"])
-    print(f"device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{args.steps} steps x {args.repeats} repeats")
+    print(
+        f"device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"{args.steps} steps x {args.repeats} repeats"
+    )
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts, times["bare"])]
-        print(f"{name:>20}: {1e3 * statistics.median(ts):7.2f} ms/step"
-              f"  ratio {statistics.median(ratios):.3f} (median of paired ratios)")
+        print(
+            f"{name:>20}: {1e3 * statistics.median(ts):7.2f} ms/step"
+            f"  ratio {statistics.median(ratios):.3f} (median of paired ratios)"
+        )
 
 
 if __name__ == "__main__":

@@ -80,6 +80,13 @@ def test_lecun_normal_std_is_one_over_sqrt_fan_in():
     assert_var(w, 1.0 / FAN_IN)
 
 
+def test_lecun_normal_fan_in_of_a_conv_counts_the_kernel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 5)  # fan_in = 64 * 5 * 5
+    init_weights(conv, InitConfig(name="lecun_normal"), RELU)
+    assert_var(conv.weight.detach().double(), 1.0 / (64 * 25))
+
+
 def test_lecun_normal_ignores_the_activation():
     w = initialized(InitConfig(name="lecun_normal"), ActivationConfig(name="tanh"))
     assert_var(w, 1.0 / FAN_IN)
@@ -165,7 +172,8 @@ def test_orthogonal_rows_are_orthonormal(shape, gain):
     layer = nn.Linear(in_f, out_f)
     init_weights(layer, GainInitConfig(name="orthogonal", gain=gain), RELU)
     w = layer.weight.detach().double()
-    torch.testing.assert_close(w @ w.T, gain**2 * torch.eye(out_f, dtype=w.dtype), rtol=0, atol=1e-5)
+    expected = gain**2 * torch.eye(out_f, dtype=w.dtype)
+    torch.testing.assert_close(w @ w.T, expected, rtol=0, atol=1e-5)
 
 
 def test_orthogonal_tall_matrix_has_orthonormal_columns():
@@ -244,7 +252,8 @@ def test_identity_fallback_default_keeps_torch_init():
     reference = nn.Linear(12, 16)
     net = nn.Sequential(nn.Linear(12, 16))
     net[0].load_state_dict(reference.state_dict())
-    notes = init_weights(net, IdentityInitConfig(name="identity", fallback="default", bias=0.2), RELU)
+    cfg = IdentityInitConfig(name="identity", fallback="default", bias=0.2)
+    notes = init_weights(net, cfg, RELU)
     assert torch.equal(net[0].weight, reference.weight)
     assert torch.all(net[0].bias == 0.2)
     assert len(notes) == 1

@@ -53,7 +53,10 @@ class ProgressReporter:
         """Called on logging steps, with numbers already on the host."""
         if self.bar is not None:
             self.bar.update(
-                self.task, completed=step + 1, loss=_fmt(loss), gnorm=_fmt(grad_norm),
+                self.task,
+                completed=step + 1,
+                loss=_fmt(loss),
+                gnorm=_fmt(grad_norm),
                 rate=f"{rate:.0f}",
             )
         elif self.mode == "plain" and (step >= self.next_line or step + 1 == self.total):
@@ -79,7 +82,7 @@ def layer_table(summary: dict[str, Any]) -> Table:
     """The per-layer figures of a finished run, first (step 0) and last logged step."""
     layers = summary["layers"]
     table = Table(
-        title=f"per-layer gradients: first logged step (0) and last",
+        title="per-layer gradients: first logged step (0) and last",
         caption="|grad|: parameter-gradient norm; bwd: per-example RMS of dL/dh;"
         " fwd: RMS of h; upd/w: ||dW||/||W||",
     )
@@ -93,7 +96,11 @@ def layer_table(summary: dict[str, Any]) -> Table:
         table.add_row(
             str(layer["index"]),
             layer["name"],
-            *(_fmt(layer[k][w]) for k in ("grad_norm", "signal_bwd", "signal_fwd") for w in ("first", "last")),
+            *(
+                _fmt(layer[k][w])
+                for k in ("grad_norm", "signal_bwd", "signal_fwd")
+                for w in ("first", "last")
+            ),
             _fmt(layer["update_ratio"]["last"]),
         )
     if layers:

@@ -63,7 +63,7 @@ def act_gain_args(cfg: ActivationConfig) -> tuple[str, float | None]:
 
     Leaky slopes set the gain sqrt(2 / (1 + a^2)); RReLU uses its mean slope, as
     it does at evaluation; PReLU its initial slope. Smooth ReLU-likes (ELU, GELU,
-    SiLU) take ReLU's gain, the usual practice.
+    SiLU) take ReLU's gain, the usual practice; SELU the linear gain (LeCun).
     """
     if isinstance(cfg, LeakyReLUConfig):
         return "leaky_relu", cfg.negative_slope
@@ -74,7 +74,8 @@ def act_gain_args(cfg: ActivationConfig) -> tuple[str, float | None]:
     return {
         "sigmoid": ("sigmoid", None),
         "tanh": ("tanh", None),
-        "selu": ("selu", None),
+        # PyTorch's advice for self-normalizing nets: var 1/fan_in, i.e. the linear gain.
+        "selu": ("linear", None),
         "identity": ("linear", None),
     }.get(cfg.name, ("relu", None))
 

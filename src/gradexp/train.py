@@ -26,8 +26,8 @@ from gradexp.config import Amp, Config, OnNonfinite
 from gradexp.data import Dataset, load_data
 from gradexp.display import ProgressReporter, print_summary
 from gradexp.errors import ConfigError
-from gradexp.init import init_weights
-from gradexp.metrics import MetricLogger, NullLogger, TensorBoardLogger
+from gradexp.init import WEIGHTED, init_weights
+from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler
 from gradexp.telemetry import LayerMap, SignalProbe, histogram_from_stats, histogram_stats
@@ -38,8 +38,12 @@ SUMMARY_FILE = "summary.json"
 PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
 # Scalars whose final values go into summary.json and the HParams tab.
 FINAL_METRICS = (
-    "loss/train", "acc/train", "loss/test", "acc/test",
-    "flow/grad_norm_ratio", "flow/signal_bwd_ratio",
+    "loss/train",
+    "acc/train",
+    "loss/test",
+    "acc/test",
+    "flow/grad_norm_ratio",
+    "flow/signal_bwd_ratio",
 )
 
 
@@ -53,7 +57,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={name}: CUDA is not available here; choose from auto, cpu")
+            raise ConfigError(
+                f"trainer.device={name}: CUDA is not available here; choose from auto, cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
                 f"trainer.device={name}: no such GPU; choose from "
@@ -74,6 +80,7 @@ def check_writable(output_dir: Path) -> None:
 
 def custom_scalars_layout() -> dict[str, Any]:
     """TensorBoard's Custom Scalars tab: every layer of a quantity on one chart."""
+
     def chart(tag: str) -> list[Any]:
         return ["Multiline", [rf"^{tag}/\d+_"]]
 
@@ -194,9 +201,12 @@ def run(
     def amp() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
 
-    weights = [p for n, p in zip(layers.param_names, layers.params) if n.endswith("weight")]
+    # L1 acts on the Linear/Conv weights only, not on norm gains or PReLU slopes.
+    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
-    logger = logger if logger is not None else TensorBoardLogger(output_dir, custom_scalars_layout())
+    logger = (
+        logger if logger is not None else TensorBoardLogger(output_dir, custom_scalars_layout())
+    )
     for note in notes:
         logger.text("run/notes", note, 0)
     history = History(layers.tags)
@@ -261,8 +271,11 @@ def run(
                 if scaler.is_enabled():
                     bwd = bwd / scaler.get_scale()  # tensor hooks saw the scaled loss
                 stats.update(
-                    loss=loss.detach(), acc=(out.argmax(1) == y).float().mean(),
-                    grad_norm=pre_sq.sqrt(), signal_fwd=fwd, signal_bwd=bwd,
+                    loss=loss.detach(),
+                    acc=(out.argmax(1) == y).float().mean(),
+                    grad_norm=pre_sq.sqrt(),
+                    signal_fwd=fwd,
+                    signal_bwd=bwd,
                     total_pre=pre_sq.sum().sqrt(),
                     weight_sq=layers.layer_sq_norms([p.detach() for p in layers.params]),
                 )
@@ -315,7 +328,9 @@ def run(
                 now = time.perf_counter()
                 rate = (step - log_step) / max(now - log_time, 1e-9)
                 log_time, log_step = now, step
-                values = _log_step(logger, layers, stats, extra, step, last, history, optimizer, scaler)
+                values = _log_step(
+                    logger, layers, stats, extra, step, last, history, optimizer, scaler
+                )
                 values["perf/steps_per_s"] = rate
                 logger.scalars({"perf/steps_per_s": rate}, step)
                 progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
@@ -330,7 +345,9 @@ def run(
         _finish(logger, cfg, result, output_dir)
     if status == "diverged" and t.on_nonfinite.name == "raise":
         nf = result["nonfinite"]
-        raise NonFiniteError(f"non-finite loss or gradient at step {nf['step']} (layer {nf['layer']})")
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {nf['step']} (layer {nf['layer']})"
+        )
     print_summary(result, console)
     return result
 
@@ -423,7 +440,9 @@ def _finish(logger: MetricLogger, cfg: Config, result: dict[str, Any], output_di
     try:
         hp = {**hparams_of(cfg), "status": result["status"]}
         logger.hparams(hp, [k for k in FINAL_METRICS])
-        logger.text("run/summary", "```\n" + json.dumps(result, indent=2) + "\n```", result["steps"])
+        logger.text(
+            "run/summary", "```\n" + json.dumps(result, indent=2) + "\n```", result["steps"]
+        )
         logger.close()
     finally:
         (output_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")

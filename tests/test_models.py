@@ -1,0 +1,238 @@
+"""Every config option composes against its schema and runs; train.run end to end.
+
+The options are read from src/gradexp/configs/<group>/*.yaml, so a new option file is
+tested without touching this file. Hydra's compose costs ~0.2 s, so each option is
+composed once and the combinations are assembled from the composed groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from rich.console import Console
+
+import gradexp
+from gradexp import config as C
+from gradexp.clipping import Clipper
+from gradexp.data import DATASETS, DataSpec, load_data
+from gradexp.init import INITS, init_weights
+from gradexp.layers import ACTIVATIONS, NORMS, get_act_layer
+from gradexp.metrics import NullLogger
+from gradexp.models import MODELS, create_model
+from gradexp.optim import create_optimizer
+from gradexp.telemetry import LayerMap, SignalProbe
+
+CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
+GROUPS = sorted(
+    d.name
+    for d in CONFIG_DIR.iterdir()
+    if d.is_dir() and any(d.glob("*.yaml")) and d.name != "hydra"
+)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+
+C.register_configs()  # the schemas the option files name (idempotent)
+
+
+@functools.cache
+def composed(*overrides: str) -> C.Config:
+    """The typed, validated config for these overrides (cached: compose is slow)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return C.to_config(cfg)
+
+
+def group_cfg(group: str, option: str):
+    return getattr(composed(f"{group}={option}"), group)
+
+
+TINY = (
+    "model.depth=3", "model.width=8", "data.features=6", "data.classes=4",
+    "data.n_train=64", "data.n_test=32",
+)
+
+
+def tiny(**groups) -> C.Config:
+    """A tiny config with the given groups swapped in, validated as a whole."""
+    base = composed(*TINY)
+    cfg = dataclasses.replace(base, **groups)
+    C.validate(cfg)
+    return cfg
+
+
+# --- composition ---------------------------------------------------------------------------
+
+
+def test_every_group_has_options():
+    assert {"model", "activation", "init", "norm", "clip", "optim", "data", "trainer"} <= set(
+        GROUPS
+    )
+    for group in GROUPS:
+        assert options(group), group
+
+
+@pytest.mark.parametrize("group, option", ALL_OPTIONS)
+def test_option_file_composes_against_its_schema(group, option):
+    cfg = composed(f"{group}={option}")
+    node = getattr(cfg, group)
+    assert dataclasses.is_dataclass(node), f"{group}={option} composed without a schema"
+    assert type(node) in C.SCHEMAS[group].values()
+    if hasattr(node, "name"):
+        assert node.name == option, "the option's name must match its file (registries use it)"
+    # every key of the file is a field of the schema (a typo fails compose, but check)
+    raw = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    fields = {f.name for f in dataclasses.fields(node)}
+    assert set(raw) - {"defaults"} <= fields
+
+
+@pytest.mark.parametrize("group, option", ALL_OPTIONS)
+def test_option_name_is_known_to_the_code(group, option):
+    node = getattr(composed(f"{group}={option}"), group)
+    registry = {"activation": ACTIVATIONS, "init": INITS, "norm": NORMS, "model": MODELS,
+                "data": DATASETS}.get(group)
+    if isinstance(node, C.IdentityInitConfig):  # init_weights handles identity itself
+        assert node.fallback in INITS
+    elif registry is not None:
+        assert node.name in registry
+    elif group == "optim":
+        opt = create_optimizer(node, [torch.nn.Parameter(torch.zeros(2))])
+        expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+        assert type(opt).__name__ == expected[node.name]
+        assert opt.param_groups[0]["lr"] == node.lr
+    elif group == "clip":
+        kinds = {"none": C.ClipConfig, "value": C.ValueClipConfig, "norm": C.NormClipConfig,
+                 "agc": C.AGCConfig}
+        assert type(node) is kinds[node.name]
+    elif group == "trainer":
+        assert isinstance(node, C.TrainerConfig)
+    else:
+        pytest.fail(f"new config group {group}: add it to this test")
+
+
+def test_schema_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(Exception, match="nonexistent"):
+        composed("activation=leaky_relu", "activation.nonexistent=1")
+    with pytest.raises(Exception, match="negative_slope"):
+        composed("activation=leaky_relu", "activation.negative_slope=abc")
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_load(name):
+    data = load_data(dataclasses.replace(group_cfg("data", name)), torch.device("cpu"))
+    assert len(data.x_train) > 0 and len(data.x_test) > 0
+    assert data.y_train.max().item() < data.num_classes
+    assert torch.isfinite(data.x_train).all()
+
+
+# --- every option runs ---------------------------------------------------------------------
+
+
+def forward_backward(cfg: C.Config, seed: int = 0) -> None:
+    """Build, init, forward/backward with telemetry and clipping; everything finite."""
+    torch.manual_seed(seed)
+    spec = DataSpec((cfg.data.features,), cfg.data.classes)
+    model = create_model(cfg, spec)
+    init_weights(model, cfg.init, cfg.activation)
+    act_type = get_act_layer(cfg.activation.name)
+    assert all(isinstance(block.act, act_type) for block in model.hidden)
+    layers = LayerMap.of(model)
+    assert [t.split("_", 1)[1] for t in layers.tags] == ["hidden.0", "hidden.1", "hidden.2", "head"]
+    clipper = Clipper(cfg.clip, layers.params, layers.param_names, layers.layer_of, len(layers))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, spec.input_shape[0], generator=g)
+    y = torch.randint(spec.num_classes, (8,), generator=g)
+    with SignalProbe(layers.modules) as probe:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+    assert out.shape == (8, spec.num_classes)
+    assert torch.isfinite(loss)
+    grads = layers.grads()
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert layers.layer_sq_norms(grads).sum() > 0
+    fwd, bwd = probe.result(torch.device("cpu"))
+    assert torch.isfinite(fwd).all() and torch.isfinite(bwd).all()
+    stats = clipper(measure=True)
+    assert all(torch.isfinite(v).all() for v in stats.values())
+    assert all(torch.isfinite(p.grad).all() for p in layers.params)
+
+
+@pytest.mark.parametrize("init", options("init"))
+@pytest.mark.parametrize("activation", options("activation"))
+def test_activation_x_init_runs(activation, init):
+    cfg = tiny(
+        activation=group_cfg("activation", activation),
+        init=group_cfg("init", init),
+        norm=group_cfg("norm", "none"),
+        clip=group_cfg("clip", "none"),
+    )
+    forward_backward(cfg)
+
+
+@pytest.mark.parametrize("clip", options("clip"))
+@pytest.mark.parametrize("norm", options("norm"))
+def test_norm_x_clip_runs(norm, clip):
+    cfg = tiny(
+        activation=group_cfg("activation", "relu"),
+        init=group_cfg("init", "kaiming_normal"),
+        norm=group_cfg("norm", norm),
+        clip=group_cfg("clip", clip),
+    )
+    forward_backward(cfg)
+
+
+# --- train.run end to end ---------------------------------------------------------------------
+
+RUN = (
+    *TINY, "trainer.steps=4", "trainer.batch_size=16", "trainer.log_every=2",
+    "trainer.hist_every=2", "trainer.eval_every=2", "trainer.progress=off", "trainer.device=cpu",
+)
+
+
+@pytest.mark.parametrize(
+    "extra", [(), ("clip=agc", "norm=batch"), ("clip=norm", "optim=adam"), ("clip=value",)]
+)
+def test_train_run_end_to_end(tmp_path, extra):
+    from gradexp.train import SUMMARY_FILE, run
+
+    cfg = composed(*RUN, *extra)
+    console = Console(file=io.StringIO(), width=200)
+    summary = run(cfg, tmp_path, logger=NullLogger(), console=console)
+    assert summary["status"] == "completed"
+    assert summary["error"] is None
+    assert summary["steps"] == 4
+    assert summary["nonfinite"] is None
+    assert [layer["name"] for layer in summary["layers"]] == [
+        "hidden.0", "hidden.1", "hidden.2", "head"
+    ]
+    assert [layer["index"] for layer in summary["layers"]] == [0, 1, 2, 3]
+    for layer in summary["layers"]:
+        for key in ("grad_norm", "signal_bwd", "signal_fwd", "weight_norm", "update_ratio"):
+            for when in ("first", "last"):
+                v = layer[key][when]
+                assert v is not None and math.isfinite(v) and v >= 0, (layer["name"], key)
+    metrics = summary["metrics"]
+    for key in ("loss/train", "acc/train", "loss/test", "acc/test", "flow/grad_norm_ratio",
+                "flow/signal_bwd_ratio"):
+        assert math.isfinite(metrics[key]), key
+    first, last = summary["layers"][0], summary["layers"][-1]
+    assert metrics["flow/signal_bwd_ratio"] == pytest.approx(
+        first["signal_bwd"]["last"] / last["signal_bwd"]["last"], rel=1e-6
+    )
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == summary
+    assert "completed" in console.file.getvalue()
