@@ -126,6 +126,8 @@ KAIMING_CASES = {
     "gelu": (ActivationConfig(name="gelu"), kaiming_var(0.0)),
     "silu": (ActivationConfig(name="silu"), kaiming_var(0.0)),
     "elu": (ActivationConfig(name="elu"), kaiming_var(0.0)),
+    # SELU self-normalizes with var 1/fan_in (LeCun): PyTorch advises the linear gain.
+    "selu": (ActivationConfig(name="selu"), 1.0 / FAN_IN),
 }
 
 
