@@ -7,7 +7,9 @@ shell completion stay fast.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,23 @@ from gradexp.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).parent / "configs")
 
-# Used by hydra.run.dir / hydra.sweep.subdir: "_<overrides>" or nothing.
-OmegaConf.register_new_resolver("gradexp_suffix", lambda s: f"_{s}" if s else "", replace=True)
+# A directory name may not exceed 255 bytes: keep this much of the overrides, then a hash.
+MAX_SUFFIX_BYTES = 200
+
+
+def _dir_suffix(overrides: str) -> str:
+    """For hydra.run.dir / hydra.sweep.subdir: "_<overrides>", shortened if long, or nothing."""
+    if not overrides:
+        return ""
+    raw = overrides.encode()
+    if len(raw) > MAX_SUFFIX_BYTES:
+        digest = hashlib.sha1(raw).hexdigest()[:8]
+        head = raw[: MAX_SUFFIX_BYTES - 10].decode(errors="ignore")
+        overrides = f"{head}~{digest}"
+    return f"_{overrides}"
+
+
+OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)
 register_configs()
 
 
@@ -91,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if hasattr(signal, "SIGPIPE"):  # `gradexp train --help | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-sc", "--shell-completion"):
         return _completion(argv)

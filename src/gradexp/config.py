@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,7 +21,15 @@ from gradexp.errors import ConfigError
 
 PROGRESS_MODES = ("auto", "rich", "plain", "off")
 # Initializers an identity init may fall back to for non-square weights.
-FALLBACK_INITS = ("lecun_normal", "xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "orthogonal", "default")
+FALLBACK_INITS = (
+    "lecun_normal",
+    "xavier_normal",
+    "xavier_uniform",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "orthogonal",
+    "default",
+)
 
 
 class Amp(enum.Enum):
@@ -293,7 +301,9 @@ def validate(cfg: Config) -> None:
             f"trainer.progress={t.progress}: unknown; choose from {', '.join(PROGRESS_MODES)}"
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
-        raise ConfigError(f"trainer.device={t.device}: unknown; choose from auto, cpu, cuda, cuda:N")
+        raise ConfigError(
+            f"trainer.device={t.device}: unknown; choose from auto, cpu, cuda, cuda:N"
+        )
     m = cfg.model
     _positive(m.depth, "model.depth")
     _positive(m.width, "model.width")
@@ -340,11 +350,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction}: must be in (0, 1)")
 
 
+def _check_known_keys(obj: Any, path: str = "") -> None:
+    """Reject keys no schema has: `+trainer.stepz=5` composes (`+` adds a key), and
+    OmegaConf.to_object would keep it as a stray attribute that nothing reads."""
+    if not is_dataclass(obj):
+        return
+    names = [f.name for f in fields(obj)]
+    for key in vars(obj):
+        if key not in names:
+            full = f"{path}.{key}" if path else key
+            raise ConfigError(f"{full}: unknown key; {path or 'the config'} has {', '.join(names)}")
+    for name in names:
+        _check_known_keys(getattr(obj, name), f"{path}.{name}" if path else name)
+
+
 def to_config(cfg: Any) -> Config:
     """The composed DictConfig as typed dataclasses, validated."""
     from omegaconf import OmegaConf
 
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
+    _check_known_keys(obj)
     validate(obj)
     return obj

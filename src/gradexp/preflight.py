@@ -7,9 +7,12 @@ combination fails before its first job trains.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -32,12 +35,17 @@ def _describe(ex: Exception, overrides: list[str]) -> str:
         group, _, option = ex.missing_cfg_file.rpartition("/")
         return f"{group}={option}: unknown option; choose from {', '.join(ex.options)}"
     cause = ex.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(cause.object_type):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(
+        cause.object_type
+    ):
         keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         return f"{cause.full_key}: unknown key; {_group_of(cause.full_key)} has {keys}"
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
-        value = next((o.split("=", 1)[1] for o in overrides if o.split("=")[0] == key), None)
+        # The last override of a key is the one that counts (and the bad one).
+        value = next(
+            (o.split("=", 1)[1] for o in reversed(overrides) if o.split("=")[0] == key), None
+        )
         prefix = f"{key}={value}" if value is not None else key or _first_line(str(ex))
         return f"{prefix}: {_first_line(str(cause))}"
     return _first_line(str(ex)).replace("\n", " ")
@@ -47,12 +55,22 @@ def _group_of(full_key: str) -> str:
     return full_key.rpartition(".")[0] or "the config"
 
 
+def _parse_args(args: list[str]) -> argparse.Namespace:
+    """Hydra's own command-line parser, with its errors as one line (no usage block)."""
+    parser = get_args_parser()
+
+    def error(message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments") and "=" in message:
+            message += " (flags such as -m go before the key=value overrides)"
+        raise ConfigError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(args)  # --version etc. print and exit 0, as in Hydra
+
+
 def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
     """The task overrides of each job the command line would run, and whether it is a sweep."""
-    try:
-        parsed = get_args_parser().parse_args(args)
-    except SystemExit as e:  # argparse already printed its one-line error
-        raise ConfigError("bad command line (see above)") from e
+    parsed = _parse_args(args)
     task = [o for o in parsed.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         overrides = OverridesParser.create().parse_overrides(task)
@@ -80,9 +98,9 @@ def check_output_root(args: list[str], multirun: bool) -> None:
     target = Path((given[-1] if given else "outputs").split("${")[0] or ".").absolute()
     try:
         target.mkdir(parents=True, exist_ok=True)
-        probe = target / ".gradexp-write-test"
-        probe.touch()
-        probe.unlink()
+        # A fresh, unique name: never clobbers (and then deletes) a file of the user's.
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".gradexp-write-test-"):
+            pass
     except OSError as e:
         raise ConfigError(f"{key}={target}: cannot be written ({e.strerror})") from None
 
@@ -90,11 +108,23 @@ def check_output_root(args: list[str], multirun: bool) -> None:
 def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
     """Raise ConfigError (one line) if any job of this command line would fail to compose."""
     jobs, multirun = job_overrides(args)
-    check_output_root(args, multirun)
+    gpus: set[str] = set()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         for overrides in jobs:
             try:
                 cfg = compose(config_name, overrides=overrides)
             except (HydraException, OmegaConfBaseException) as e:
                 raise ConfigError(_describe(e, overrides)) from e
-            to_config(cfg)
+            device = to_config(cfg).trainer.device
+            if device.startswith("cuda"):
+                gpus.add(device)
+    if gpus:  # torch only when a GPU is asked for: is it there?
+        from gradexp.train import resolve_device
+
+        for device in sorted(gpus):
+            resolve_device(device)
+    # After composing: a bad config leaves no empty run or sweep directory behind.
+    # --cfg and --info only print, and write nothing.
+    parsed = _parse_args(args)
+    if not (parsed.cfg or parsed.info):
+        check_output_root(args, multirun)
