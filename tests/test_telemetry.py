@@ -80,8 +80,11 @@ def rms(t: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     "depth, first, last",
-    [(3, "00_hidden.0", "03_head"), (10, "00_hidden.0", "10_head"),
-     (100, "000_hidden.0", "100_head")],
+    [
+        (3, "00_hidden.0", "03_head"),
+        (10, "00_hidden.0", "10_head"),
+        (100, "000_hidden.0", "100_head"),
+    ],
 )
 def test_layer_tags_are_in_depth_order(depth, first, last):
     model = make_mlp(depth=depth, width=2)

@@ -6,6 +6,7 @@ device tensors that the trainer brings to the host once per logging step.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -98,7 +99,9 @@ class Clipper:
             for j, i in enumerate(idx):
                 grad = self.params[i].grad
                 # (units,) -> (units, 1, ...) against the grad's own layout
-                grad.mul_(scale[j].reshape((-1,) + (1,) * (grad.ndim - 1)) if grad.ndim else scale[j][0])
+                grad.mul_(
+                    scale[j].reshape((-1,) + (1,) * (grad.ndim - 1)) if grad.ndim else scale[j][0]
+                )
             if measure:
                 for j, i in enumerate(idx):
                     clipped_per_param[i] = clipped[j].sum()
@@ -113,5 +116,6 @@ class Clipper:
         units = self.layer_units.to(device)
         return {
             "frac": layer_hits.sum() / units.sum().clamp_min(1),
-            "layer_frac": layer_hits / units.clamp_min(1),
+            # NaN for a layer with no clipped parameters (the excluded head): nothing to report.
+            "layer_frac": torch.where(units > 0, layer_hits / units.clamp_min(1), math.nan),
         }

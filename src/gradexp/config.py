@@ -220,7 +220,7 @@ class TrainerConfig:
     deterministic: bool = False
     on_nonfinite: OnNonfinite = OnNonfinite.stop
     per_param: bool = False  # also log every parameter's gradient norm
-    threads: int = 0  # torch threads for this run; 0 keeps torch's default
+    threads: int = 1  # torch threads for this run; 0 keeps torch's default (all cores)
     progress: str = "auto"  # auto | rich | plain | off
 
 

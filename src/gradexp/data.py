@@ -71,9 +71,7 @@ def digits(cfg: DataConfig, device: torch.device) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ConfigError(
-            "data=digits needs scikit-learn: pip install 'gradexp[digits]'"
-        ) from None
+        raise ConfigError("data=digits needs scikit-learn: pip install 'gradexp[digits]'") from None
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)

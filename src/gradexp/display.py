@@ -115,14 +115,20 @@ def layer_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def print_summary(summary: dict[str, Any], console: Console) -> None:
-    console.print(layer_table(summary))
+def status_line(summary: dict[str, Any]) -> str:
+    """One plain line: status, steps, speed, final metrics, first non-finite step."""
     metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in summary["metrics"].items())
-    console.print(
-        f"status [bold]{summary['status']}[/] after {summary['steps']} steps"
-        f" ({summary['steps_per_s']} steps/s)  {metrics}",
-        highlight=False,
+    line = (
+        f"status {summary['status']} after {summary['steps']} steps"
+        f" ({summary['steps_per_s']} steps/s)  {metrics}"
     )
     if summary.get("nonfinite"):
         nf = summary["nonfinite"]
-        console.print(f"first non-finite gradient: step {nf['step']}, layer {nf['layer']}")
+        line += f"  first non-finite: step {nf['step']}, layer {nf['layer']}"
+    return line
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    """The per-layer table and the status line."""
+    console.print(layer_table(summary))
+    console.print(status_line(summary), highlight=False, soft_wrap=True)

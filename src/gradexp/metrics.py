@@ -69,7 +69,9 @@ class TensorBoardLogger:
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
         # Into this run's own event file (add_hparams would open a timestamped sub-run);
         # the HParams tab reads each metric's last value from the scalars of the run.
-        clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        clean = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+        }
         for summary in hparams_summary(clean, {tag: math.nan for tag in metric_tags}):
             self.writer.file_writer.add_summary(summary)
 

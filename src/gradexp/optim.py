@@ -10,23 +10,35 @@ from gradexp.config import AdamConfig, OptimConfig, RMSpropConfig, Schedule, SGD
 from gradexp.errors import ConfigError
 
 
-def create_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def create_optimizer(
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     """SGD is the default on purpose: adaptive optimizers rescale each parameter's
     step and so hide a vanishing gradient (see DOMAIN.md)."""
     if isinstance(cfg, SGDConfig):
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
         )
     if isinstance(cfg, AdamConfig):
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         return cls(
-            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            params,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
     if isinstance(cfg, RMSpropConfig):
         return torch.optim.RMSprop(
-            params, lr=cfg.lr, alpha=cfg.alpha, momentum=cfg.momentum, eps=cfg.eps,
+            params,
+            lr=cfg.lr,
+            alpha=cfg.alpha,
+            momentum=cfg.momentum,
+            eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
     raise ConfigError(f"optim={cfg.name}: unknown; choose from sgd, adam, adamw, rmsprop")

@@ -144,8 +144,16 @@ def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor
         head = torch.stack([(~finite).sum().float(), torch.zeros((), device=values.device)])
         return torch.cat([head, torch.zeros(4 + bins, device=values.device)])
     lo, hi = v.min(), v.max()
-    head = torch.stack([(~finite).sum().float(), torch.tensor(float(v.numel()), device=v.device),
-                        lo, hi, v.sum(), v.square().sum()])
+    head = torch.stack(
+        [
+            (~finite).sum().float(),
+            torch.tensor(float(v.numel()), device=v.device),
+            lo,
+            hi,
+            v.sum(),
+            v.square().sum(),
+        ]
+    )
     return torch.cat([head, _histc(v, lo, hi, bins)])
 
 
@@ -168,5 +176,12 @@ def histogram_from_stats(stats: list[float]) -> dict[str, object] | None:
     limits = [lo + width * (i + 1) for i in range(bins)] if width > 0 else [hi]
     if width == 0:
         counts = [float(count)]
-    return {"min": lo, "max": hi, "num": count, "sum": total, "sum_squares": sq,
-            "bucket_limits": limits, "bucket_counts": counts}
+    return {
+        "min": lo,
+        "max": hi,
+        "num": count,
+        "sum": total,
+        "sum_squares": sq,
+        "bucket_limits": limits,
+        "bucket_counts": counts,
+    }

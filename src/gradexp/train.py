@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from rich.console import Console
 from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite
 from gradexp.data import Dataset, load_data
-from gradexp.display import ProgressReporter, print_summary
+from gradexp.display import ProgressReporter, print_summary, status_line
 from gradexp.errors import ConfigError
 from gradexp.init import WEIGHTED, init_weights
 from gradexp.metrics import MetricLogger, TensorBoardLogger
@@ -33,6 +34,8 @@ from gradexp.optim import create_optimizer, create_scheduler
 from gradexp.telemetry import LayerMap, SignalProbe, histogram_from_stats, histogram_stats
 
 log = logging.getLogger(__name__)
+# The run's own log file (train.log) only: the terminal already shows the table and status.
+file_log = logging.getLogger("gradexp.runlog")
 
 SUMMARY_FILE = "summary.json"
 PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
@@ -71,9 +74,8 @@ def resolve_device(name: str) -> torch.device:
 def check_writable(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".gradexp-write-test"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
     except OSError as e:
         raise ConfigError(f"output dir {output_dir}: cannot be written ({e.strerror})") from None
 
@@ -209,6 +211,7 @@ def run(
     )
     for note in notes:
         logger.text("run/notes", note, 0)
+    file_log.info("start: %s on %s, writing to %s", hparams_of(cfg), device, output_dir)
     history = History(layers.tags)
     last: dict[str, float] = {}
     # Non-finite bookkeeping lives on the device so that steps need not synchronize:
@@ -249,7 +252,11 @@ def run(
 
     try:
         for step in range(t.steps):
-            log_now = step % t.log_every == 0 or step == t.steps - 1
+            final = step == t.steps - 1
+            hist_now = step % t.hist_every == 0
+            eval_now = step % t.eval_every == 0 or final
+            # Histograms and evaluations ride on log steps: they need the same statistics.
+            log_now = step % t.log_every == 0 or hist_now or eval_now or final
             x, y = data.batch(t.batch_size, batches)
             probe = SignalProbe(layers.modules) if log_now else contextlib.nullcontext()
             with probe:
@@ -281,7 +288,7 @@ def run(
                 )
                 if t.per_param:
                     stats["param_norm"] = torch.stack(torch._foreach_norm(grads))
-                if step % t.hist_every == 0:
+                if hist_now:
                     for tag, g in zip(layers.tags, _layer_grads(layers, grads)):
                         stats[f"hist:{tag}"] = histogram_stats(g)
             clip_stats = clipper(measure=log_now)
@@ -303,6 +310,8 @@ def run(
                 if t.on_nonfinite == OnNonfinite.skip:
                     if bool(bad):
                         skipped += 1
+                        if log_now:  # show the bad step rather than leave a gap
+                            _log_step(logger, layers, stats, step, last, history, optimizer, scaler)
                         optimizer.zero_grad(set_to_none=True)
                         steps_done = step + 1
                         continue
@@ -310,7 +319,7 @@ def run(
                     steps_done = int(first_bad_step)
                     status = "diverged"
                     if log_now:
-                        _log_step(logger, layers, stats, {}, step, last, history, optimizer, scaler)
+                        _log_step(logger, layers, stats, step, last, history, optimizer, scaler)
                     break
 
             if log_now:
@@ -322,17 +331,23 @@ def run(
 
             if log_now:
                 delta = torch._foreach_sub([p.detach() for p in layers.params], before)
-                extra = {"update_sq": layers.layer_sq_norms(delta)}
-                if step % t.eval_every == 0 or step == t.steps - 1:
-                    extra["test"] = evaluate(model, data.x_test, data.y_test, amp)
+                stats["update_sq"] = layers.layer_sq_norms(delta)
+                if eval_now:
+                    stats["test"] = evaluate(model, data.x_test, data.y_test, amp)
                 now = time.perf_counter()
                 rate = (step - log_step) / max(now - log_time, 1e-9)
                 log_time, log_step = now, step
                 values = _log_step(
-                    logger, layers, stats, extra, step, last, history, optimizer, scaler
+                    logger,
+                    layers,
+                    stats,
+                    step,
+                    last,
+                    history,
+                    optimizer,
+                    scaler,
+                    {"perf/steps_per_s": rate},
                 )
-                values["perf/steps_per_s"] = rate
-                logger.scalars({"perf/steps_per_s": rate}, step)
                 progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
     except KeyboardInterrupt:
         status = "interrupted"
@@ -349,6 +364,7 @@ def run(
             f"non-finite loss or gradient at step {nf['step']} (layer {nf['layer']})"
         )
     print_summary(result, console)
+    file_log.info(status_line(result))
     return result
 
 
@@ -363,21 +379,20 @@ def _log_step(
     logger: MetricLogger,
     layers: LayerMap,
     stats: dict[str, torch.Tensor],
-    extra: dict[str, torch.Tensor],
     step: int,
     last: dict[str, float],
     history: History,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    scalars: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Bring one logging step's statistics to the host in one transfer and log them."""
-    merged = {**stats, **extra}
-    keys = list(merged)
-    flat = torch.cat([merged[k].detach().float().flatten() for k in keys]).tolist()
+    keys = list(stats)
+    flat = torch.cat([stats[k].detach().float().flatten() for k in keys]).tolist()
     host: dict[str, list[float]] = {}
     offset = 0
     for k in keys:
-        n = merged[k].numel()
+        n = stats[k].numel()
         host[k] = flat[offset : offset + n]
         offset += n
 
@@ -398,6 +413,7 @@ def _log_step(
         per_layer["clip_frac"] = host["clip:layer_frac"]
 
     values: dict[str, float] = {
+        **(scalars or {}),
         "loss/train": host["loss"][0],
         "acc/train": host["acc"][0],
         "grad/norm_pre_clip": host["total_pre"][0],
@@ -418,7 +434,8 @@ def _log_step(
         values["loss/test"], values["acc/test"] = host["test"]
     for key, per in per_layer.items():
         for tag, v in zip(layers.tags, per):
-            values[f"{key}/{tag}"] = v
+            if not (key == "clip_frac" and math.isnan(v)):  # NaN: a layer AGC leaves out
+                values[f"{key}/{tag}"] = v
         history.add(key, per)
     for tag in layers.tags:
         if f"hist:{tag}" in host:
@@ -435,14 +452,23 @@ def _log_step(
     return values
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinities as null: summary.json must be strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _finish(logger: MetricLogger, cfg: Config, result: dict[str, Any], output_dir: Path) -> None:
     """Write hparams and summary.json, flush TensorBoard: on every way out of a run."""
+    text = json.dumps(_json_safe(result), indent=2, allow_nan=False)
     try:
-        hp = {**hparams_of(cfg), "status": result["status"]}
-        logger.hparams(hp, [k for k in FINAL_METRICS])
-        logger.text(
-            "run/summary", "```\n" + json.dumps(result, indent=2) + "\n```", result["steps"]
-        )
+        logger.hparams({**hparams_of(cfg), "status": result["status"]}, list(FINAL_METRICS))
+        logger.text("run/summary", f"```\n{text}\n```", result["steps"])
         logger.close()
     finally:
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        (output_dir / SUMMARY_FILE).write_text(text + "\n")
