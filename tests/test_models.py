@@ -31,6 +31,7 @@ from gradexp.metrics import NullLogger
 from gradexp.models import MODELS, create_model
 from gradexp.optim import create_optimizer
 from gradexp.telemetry import LayerMap, SignalProbe
+from gradexp.train import run
 
 CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 GROUPS = sorted(
@@ -231,7 +232,7 @@ RUN = (
     "extra", [(), ("clip=agc", "norm=batch"), ("clip=norm", "optim=adam"), ("clip=value",)]
 )
 def test_train_run_end_to_end(tmp_path, extra):
-    from gradexp.train import SUMMARY_FILE, run
+    from gradexp.train import SUMMARY_FILE
 
     cfg = composed(*RUN, *extra)
     console = Console(file=io.StringIO(), width=200)
@@ -268,3 +269,44 @@ def test_train_run_end_to_end(tmp_path, extra):
     )
     assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == summary
     assert "completed" in console.file.getvalue()
+
+
+# --- divergence ------------------------------------------------------------------------------
+
+
+def run_quietly(cfg: C.Config, out: Path) -> dict:
+    return run(cfg, out, logger=NullLogger(), console=Console(file=io.StringIO()))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # SGD at a huge rate: the weights blow up within a few updates.
+        ("optim.lr=1e6", "init=normal", "activation=relu"),
+        # A deep linear net with N(0, 25) weights: finite at step 0, non-finite at step 1,
+        # a step that logs only when logging every step.
+        (
+            "optim.lr=1e-2",
+            "init=normal",
+            "init.std=5",
+            "activation=identity",
+            "model.depth=12",
+            "model.bias=false",
+        ),
+    ],
+)
+def test_divergence_is_located_the_same_on_and_between_log_steps(tmp_path, overrides):
+    # Logging every step checks every gradient; logging rarely checks only the loss between
+    # log steps and works back from the parameters. Both must name the same step and layer.
+    base = (*TINY, "trainer.steps=20", "trainer.progress=off", *overrides)
+    every = run_quietly(composed(*base, "trainer.log_every=1"), tmp_path / "every")
+    rare = run_quietly(
+        composed(
+            *base, "trainer.log_every=100", "trainer.hist_every=100", "trainer.eval_every=100"
+        ),
+        tmp_path / "rare",
+    )
+    assert every["status"] == rare["status"] == "diverged"
+    assert every["nonfinite"] == rare["nonfinite"]
+    assert every["steps"] == rare["steps"] == every["nonfinite"]["step"]
+    assert every["nonfinite"]["step"] > 0

@@ -7,6 +7,7 @@ logging steps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -71,25 +72,20 @@ class LayerMap:
         return out.index_add_(0, self.index, norms.square())
 
 
-def rms(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().square().mean().sqrt()
-
-
 class SignalProbe:
     """Records each layer's forward signal RMS(h) and backward signal, while entered.
 
     The backward signal of layer output h is the per-example RMS of dl_i/dh, with
-    l_i example i's loss: for a batch-mean loss L that is B * dL/dh. Tensor hooks
-    are used (module backward hooks break on in-place ops), and every hook is
-    removed on exit.
+    l_i example i's loss: for a batch-mean loss L that is B * dL/dh. Forward hooks
+    keep each output and ask autograd to retain its gradient (a tensor-level hook:
+    module backward hooks break on in-place ops); ``result`` then reduces all of
+    them in two foreach calls. Every hook is removed on exit.
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
         self.handles: list[RemovableHandle] = []
-        n = len(modules)
-        self.fwd: list[torch.Tensor | None] = [None] * n
-        self.bwd: list[torch.Tensor | None] = [None] * n
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
 
     def __enter__(self) -> SignalProbe:
         for i, module in enumerate(self.modules):
@@ -108,22 +104,31 @@ class SignalProbe:
 
     def _forward_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.fwd[i] = rms(output)
             if output.requires_grad:
-                batch = output.shape[0]
-
-                def on_grad(grad: torch.Tensor) -> None:
-                    self.bwd[i] = rms(grad) * batch
-
-                output.register_hook(on_grad)
+                output.retain_grad()
+            self.outputs[i] = output
 
         return hook
 
     def result(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward, backward) signal per layer; NaN where a layer was not reached."""
-        nan = torch.tensor(float("nan"), device=device)
-        fwd = torch.stack([nan if v is None else v for v in self.fwd])
-        bwd = torch.stack([nan if v is None else v for v in self.bwd])
+        """(forward, backward) signal per layer, NaN where a layer was not reached.
+
+        Call after backward; it releases the outputs it kept.
+        """
+        fwd = torch.full((len(self.outputs),), math.nan, device=device)
+        bwd = fwd.clone()
+        seen = [i for i, h in enumerate(self.outputs) if h is not None]
+        if seen:
+            hs = [self.outputs[i].detach() for i in seen]
+            size = torch.tensor([math.sqrt(h.numel()) for h in hs], device=device)
+            fwd[seen] = torch.stack(torch._foreach_norm(hs)).float() / size
+            with_grad = [j for j, i in enumerate(seen) if self.outputs[i].grad is not None]
+            if with_grad:
+                gs = [self.outputs[seen[j]].grad for j in with_grad]
+                batch = torch.tensor([float(g.shape[0]) for g in gs], device=device)
+                norms = torch.stack(torch._foreach_norm(gs)).float()
+                bwd[[seen[j] for j in with_grad]] = norms * batch / size[with_grad]
+        self.outputs = [None] * len(self.outputs)
         return fwd, bwd
 
 
@@ -135,33 +140,32 @@ def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor
 
     Returns one vector: [nonfinite count, count, min, max, sum, sum of squares,
     ``bins`` counts over equal-width bins from min to max]. TensorBoard's own
-    histogram sorts on the host, which costs more than a training step.
+    histogram sorts on the host, which costs more than a training step; this is a
+    few elementwise passes (no boolean-mask copy, no sort).
     """
-    values = values.detach().float().flatten()
-    finite = torch.isfinite(values)
-    v = values[finite]
-    if v.numel() == 0:
-        head = torch.stack([(~finite).sum().float(), torch.zeros((), device=values.device)])
-        return torch.cat([head, torch.zeros(4 + bins, device=values.device)])
-    lo, hi = v.min(), v.max()
+    v = values.detach().float().flatten()
+    finite = torch.isfinite(v)
+    n = finite.sum()
+    zero = torch.zeros((), device=v.device)
+    lo = torch.where(finite, v, math.inf).min()
+    hi = torch.where(finite, v, -math.inf).max()
+    x = torch.where(finite, v, zero)
+    scale = bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    # Non-finite entries go to an overflow bin that is dropped.
+    idx = torch.where(finite, ((x - lo) * scale).long().clamp(0, bins - 1), bins)
+    counts = torch.bincount(idx, minlength=bins + 1)[:bins].float()
+    empty = n == 0
     head = torch.stack(
         [
-            (~finite).sum().float(),
-            torch.tensor(float(v.numel()), device=v.device),
-            lo,
-            hi,
-            v.sum(),
-            v.square().sum(),
+            (v.numel() - n).float(),
+            n.float(),
+            torch.where(empty, zero, lo),
+            torch.where(empty, zero, hi),
+            x.sum(),
+            x.square().sum(),
         ]
     )
-    return torch.cat([head, _histc(v, lo, hi, bins)])
-
-
-def _histc(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
-    # torch.histc takes Python-number bounds; bucketize keeps them on the device.
-    edges = torch.linspace(0, 1, bins + 1, device=v.device)[1:-1] * (hi - lo) + lo
-    idx = torch.bucketize(v, edges)
-    return torch.bincount(idx, minlength=bins).float()
+    return torch.cat([head, counts])
 
 
 def histogram_from_stats(stats: list[float]) -> dict[str, object] | None:

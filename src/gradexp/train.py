@@ -220,7 +220,11 @@ def run(
     first_bad_layers = torch.zeros(len(layers), dtype=torch.bool, device=device)
     # CPU "synchronization" is free, so check every step there; on CUDA only when
     # logging (on_nonfinite=skip must decide every step, as GradScaler does).
-    check_every_step = device.type != "cuda" or t.on_nonfinite == OnNonfinite.skip
+    skip_mode = t.on_nonfinite == OnNonfinite.skip
+    check_every_step = device.type != "cuda" or skip_mode
+    nonfinite: dict[str, Any] | None = None
+    grads_checked = True  # whether the last step's gradients went through the finite check
+    snapshot: list[torch.Tensor] | None = None
     skipped = 0
     status, error, steps_done = "completed", None, 0
     progress = ProgressReporter(t.progress, t.steps, console)
@@ -229,20 +233,16 @@ def run(
 
     def summary() -> dict[str, Any]:
         wall = time.perf_counter() - start
-        bad = int(first_bad_step)
-        nonfinite = None
-        if bad >= 0:
-            hit = first_bad_layers.nonzero().flatten().tolist()
-            # Backprop runs output -> input, so the bad layer nearest the output came first.
-            layer = layers.tags[max(hit)].split("_", 1)[1] if hit else None
-            nonfinite = {"step": bad, "layer": layer}
+        first = nonfinite
+        if first is None and int(first_bad_step) >= 0:  # skipped steps: checked every step
+            first = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
         return {
             "status": status,
             "error": error,
             "steps": steps_done,
             "metrics": {k: last[k] for k in FINAL_METRICS if k in last},
             "layers": history.layers(),
-            "nonfinite": nonfinite,
+            "nonfinite": first,
             "skipped_steps": skipped,
             "wall_time_s": round(wall, 3),
             "steps_per_s": round(steps_done / wall, 2) if wall > 0 else None,
@@ -263,6 +263,14 @@ def run(
                 with amp():
                     out = model(x)
                     loss = F.cross_entropy(out.float(), y)
+                if check_every_step and not grads_checked and bool(~torch.isfinite(loss.detach())):
+                    # p.grad still holds the previous, unchecked step's gradients: if they
+                    # were non-finite, that step came first (as a per-step check would say).
+                    prev_bad = ~torch.isfinite(layers.layer_sq_norms(layers.grads()))
+                    if not scaler.is_enabled() and bool(prev_bad.any()):
+                        nonfinite = locate_nonfinite(layers, step - 1, prev_bad)
+                        steps_done, status = step - 1, "diverged"
+                        break
                 total_loss = loss
                 if cfg.optim.l1:
                     total_loss = loss + cfg.optim.l1 * sum(w.abs().sum() for w in weights)
@@ -271,7 +279,9 @@ def run(
             scaler.unscale_(optimizer)  # a no-op without fp16: statistics see true gradients
 
             grads = layers.grads()
-            pre_sq = layers.layer_sq_norms(grads)
+            # Gradient norms on log steps (and every step for on_nonfinite=skip, which must
+            # judge each update); a step that does not log only checks its loss.
+            pre_sq = layers.layer_sq_norms(grads) if log_now or skip_mode else None
             stats: dict[str, torch.Tensor] = {}
             if log_now:
                 fwd, bwd = probe.result(device)
@@ -297,17 +307,19 @@ def run(
                 stats.update(grad_norm_clipped=post_sq.sqrt(), total_post=post_sq.sum().sqrt())
                 stats.update({f"clip:{k}": v for k, v in clip_stats.items()})
 
-            # Finite check. With fp16 the scaler owns gradient overflow (it skips the step
-            # and lowers the scale); otherwise a non-finite gradient norm is divergence.
-            layer_bad = ~torch.isfinite(pre_sq)
+            # Finite check, on the device. With fp16 the scaler owns gradient overflow (it
+            # skips the step and lowers the scale); otherwise non-finite gradients diverge.
             bad = ~torch.isfinite(loss.detach())
-            if not scaler.is_enabled():
+            grads_checked = pre_sq is not None and not scaler.is_enabled()
+            if grads_checked:
+                layer_bad = ~torch.isfinite(pre_sq)
                 bad = bad | layer_bad.any()
             newly = bad & (first_bad_step < 0)
             first_bad_step = torch.where(newly, step, first_bad_step)
-            first_bad_layers = torch.where(newly, layer_bad, first_bad_layers)
+            if grads_checked:
+                first_bad_layers = torch.where(newly, layer_bad, first_bad_layers)
             if (check_every_step or log_now) and bool(first_bad_step >= 0):
-                if t.on_nonfinite == OnNonfinite.skip:
+                if skip_mode:
                     if bool(bad):
                         skipped += 1
                         if log_now:  # show the bad step rather than leave a gap
@@ -316,22 +328,26 @@ def run(
                         steps_done = step + 1
                         continue
                 else:
-                    steps_done = int(first_bad_step)
+                    nonfinite = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
+                    steps_done = nonfinite["step"]
                     status = "diverged"
                     if log_now:
                         _log_step(logger, layers, stats, step, last, history, optimizer, scaler)
                     break
 
-            if log_now:
-                before = [p.detach().clone() for p in layers.params]
+            if log_now:  # parameters before the step, for the update ratio
+                if snapshot is None:
+                    snapshot = [p.detach().clone() for p in layers.params]
+                else:
+                    torch._foreach_copy_(snapshot, [p.detach() for p in layers.params])
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             steps_done = step + 1
 
             if log_now:
-                delta = torch._foreach_sub([p.detach() for p in layers.params], before)
-                stats["update_sq"] = layers.layer_sq_norms(delta)
+                torch._foreach_sub_(snapshot, [p.detach() for p in layers.params])
+                stats["update_sq"] = layers.layer_sq_norms(snapshot)
                 if eval_now:
                     stats["test"] = evaluate(model, data.x_test, data.y_test, amp)
                 now = time.perf_counter()
@@ -366,6 +382,21 @@ def run(
     print_summary(result, console)
     file_log.info(status_line(result))
     return result
+
+
+def locate_nonfinite(layers: LayerMap, step: int, bad_layers: torch.Tensor) -> dict[str, Any]:
+    """Step and layer of the first non-finite gradient, once a check has found one.
+
+    Backprop runs output -> input, so the bad layer nearest the output is where the
+    non-finite value was produced. When only the loss was checked at ``step`` (no
+    per-layer record), the layers are read from the gradients present now.
+    """
+    hit = bad_layers.nonzero().flatten().tolist()
+    if not hit:
+        grads = layers.layer_sq_norms(layers.grads())
+        hit = (~torch.isfinite(grads)).nonzero().flatten().tolist()
+    layer = layers.tags[max(hit)].split("_", 1)[1] if hit else None
+    return {"step": step, "layer": layer}
 
 
 def _layer_grads(layers: LayerMap, grads: list[torch.Tensor]) -> list[torch.Tensor]:
