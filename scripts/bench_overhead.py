@@ -41,6 +41,7 @@ def make_config(steps: int, log_every: int, device: str):
         "activation=tanh",
         "init=xavier_normal",
         "data.features=256",
+        "data.n_test=128",  # the final evaluation is not telemetry: keep it negligible
         f"trainer.steps={steps}",
         f"trainer.log_every={log_every}",
         f"trainer.hist_every={10 * steps}",

@@ -50,3 +50,24 @@ def create_scheduler(
     if cfg.schedule == Schedule.cosine:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def momentum_buffers(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> list[torch.Tensor] | None:
+    """For heavy-ball SGD, the tensors b with update = -lr * b; else None.
+
+    torch.optim.SGD with momentum and without Nesterov applies p <- p - lr * buf after
+    updating buf, so the step's update norm is lr * ||buf||: one read of the buffers
+    instead of copying the parameters before the step and subtracting after it.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    for group in optimizer.param_groups:
+        if group["momentum"] <= 0 or group["nesterov"] or group["maximize"]:
+            return None
+    buffers = []
+    for p in params:
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        buffers.append(torch.zeros_like(p) if buf is None else buf)
+    return buffers

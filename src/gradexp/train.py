@@ -30,7 +30,7 @@ from gradexp.errors import ConfigError
 from gradexp.init import WEIGHTED, init_weights
 from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
-from gradexp.optim import create_optimizer, create_scheduler
+from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
 from gradexp.telemetry import LayerMap, SignalProbe, histogram_from_stats, histogram_stats
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,7 @@ def run(
     nonfinite: dict[str, Any] | None = None
     grads_checked = True  # whether the last step's gradients went through the finite check
     snapshot: list[torch.Tensor] | None = None
+    momentum_sgd = momentum_buffers(optimizer, layers.params) is not None
     skipped = 0
     status, error, steps_done = "completed", None, 0
     progress = ProgressReporter(t.progress, t.steps, console)
@@ -335,19 +336,27 @@ def run(
                         _log_step(logger, layers, stats, step, last, history, optimizer, scaler)
                     break
 
-            if log_now:  # parameters before the step, for the update ratio
+            # Parameters before the step, for the update ratio (not needed for heavy-ball
+            # SGD, whose update is -lr * momentum buffer; a skipping fp16 scaler breaks that).
+            read_buffers = log_now and momentum_sgd and not scaler.is_enabled()
+            if log_now and not read_buffers:
                 if snapshot is None:
                     snapshot = [p.detach().clone() for p in layers.params]
                 else:
                     torch._foreach_copy_(snapshot, [p.detach() for p in layers.params])
+            lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             steps_done = step + 1
 
             if log_now:
-                torch._foreach_sub_(snapshot, [p.detach() for p in layers.params])
-                stats["update_sq"] = layers.layer_sq_norms(snapshot)
+                if read_buffers:
+                    buffers = momentum_buffers(optimizer, layers.params)
+                    stats["update_sq"] = layers.layer_sq_norms(buffers) * lr**2
+                else:
+                    torch._foreach_sub_(snapshot, [p.detach() for p in layers.params])
+                    stats["update_sq"] = layers.layer_sq_norms(snapshot)
                 if eval_now:
                     stats["test"] = evaluate(model, data.x_test, data.y_test, amp)
                 now = time.perf_counter()

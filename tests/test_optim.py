@@ -1,0 +1,47 @@
+"""gradexp.optim: optimizers by name, and reading an SGD step's update from its state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradexp.config import AdamConfig, SGDConfig
+from gradexp.optim import create_optimizer, momentum_buffers
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_momentum_buffer_times_lr_is_the_update(momentum, weight_decay):
+    model = net()
+    params = list(model.parameters())
+    cfg = SGDConfig(name="sgd", lr=0.3, momentum=momentum, weight_decay=weight_decay)
+    opt = create_optimizer(cfg, params)
+    x = torch.randn(16, 5)
+    for _ in range(3):  # the first step initializes the buffers, later ones accumulate
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        buffers = momentum_buffers(opt, params)
+        assert buffers is not None
+        for p, b, old in zip(params, buffers, before, strict=True):
+            torch.testing.assert_close(p.detach() - old, -cfg.lr * b)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SGDConfig(name="sgd", momentum=0.0),
+        SGDConfig(name="sgd", momentum=0.9, nesterov=True),
+        AdamConfig(name="adam"),
+    ],
+)
+def test_other_optimizers_have_no_buffer_shortcut(cfg):
+    params = list(net().parameters())
+    assert momentum_buffers(create_optimizer(cfg, params), params) is None
