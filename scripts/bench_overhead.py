@@ -107,7 +107,8 @@ def main() -> None:
         ratios = [t / b for t, b in zip(ts, times["bare"])]
         print(
             f"{name:>20}: {1e3 * statistics.median(ts):7.2f} ms/step"
-            f"  ratio {statistics.median(ratios):.3f} (median of paired ratios)"
+            f"  ratio {statistics.median(ratios):.3f} (median of paired ratios;"
+            f" range {min(ratios):.3f}-{max(ratios):.3f})"
         )
 
 
