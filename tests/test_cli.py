@@ -442,6 +442,9 @@ BAD_INPUT = [
     ),
     pytest.param(["trainer.amp=x"], ["trainer.amp=x", "off", "bf16", "fp16"], id="amp"),
     pytest.param(
+        ["activation.name=xx"], ["activation.name=xx", "sigmoid", "leaky_relu"], id="act-name"
+    ),
+    pytest.param(
         ["trainer.on_nonfinite=explode"],
         ["trainer.on_nonfinite=explode", "stop", "skip", "raise"],
         id="on-nonfinite",
@@ -551,6 +554,10 @@ def test_version(tmp_path: Path) -> None:
     proc = run_cli(["--version"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout.strip() == f"gradexp {importlib.metadata.version('gradexp')}"
+    # `train --version` is gradexp's too, not only Hydra's
+    proc = run_cli(["train", "--version"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.startswith(f"gradexp {importlib.metadata.version('gradexp')} (Hydra ")
 
 
 def test_train_help_lists_every_group_and_option(tmp_path: Path) -> None:

@@ -69,6 +69,11 @@ def _train_app(cfg: DictConfig) -> Any:
 
 
 def _train(args: list[str]) -> None:
+    if "--version" in args:  # Hydra would print its own version
+        import hydra as hydra_pkg
+
+        print(f"gradexp {__version__} (Hydra {hydra_pkg.__version__})")
+        return
     from gradexp.preflight import preflight
 
     if not any(a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args):

@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from gradexp.config import to_config
+from gradexp.config import SCHEMAS, Config, to_config
 from gradexp.errors import ConfigError
 
 MAX_JOBS = 512  # compose at most this many jobs of a sweep up front
@@ -105,6 +105,18 @@ def check_output_root(args: list[str], multirun: bool) -> None:
         raise ConfigError(f"{key}={target}: cannot be written ({e.strerror})") from None
 
 
+def _check_names(cfg: Config, config_dir: str) -> None:
+    """A group's ``name`` picks its implementation: it must be one of the group's options."""
+    for group in SCHEMAS:
+        node = getattr(cfg, group)
+        name = getattr(node, "name", None)
+        if name is None:
+            continue
+        options = sorted(p.stem for p in (Path(config_dir) / group).glob("*.yaml"))
+        if name not in options:
+            raise ConfigError(f"{group}.name={name}: unknown; choose from {', '.join(options)}")
+
+
 def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
     """Raise ConfigError (one line) if any job of this command line would fail to compose."""
     jobs, multirun = job_overrides(args)
@@ -115,7 +127,9 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
                 cfg = compose(config_name, overrides=overrides)
             except (HydraException, OmegaConfBaseException) as e:
                 raise ConfigError(_describe(e, overrides)) from e
-            device = to_config(cfg).trainer.device
+            typed = to_config(cfg)
+            _check_names(typed, config_dir)
+            device = typed.trainer.device
             if device.startswith("cuda"):
                 gpus.add(device)
     if gpus:  # torch only when a GPU is asked for: is it there?
