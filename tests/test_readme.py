@@ -1,0 +1,122 @@
+"""The README's commands, run as a user would: each `gradexp ...` line of its bash
+blocks exits 0, `tensorboard --logdir outputs` then lists the runs, and the tutorial
+table's figures come out of the commands it names."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, cli_env, describe, gradexp_command, load_summary, run_cli
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def bash_lines() -> list[str]:
+    """Every command line of the README's ```bash blocks, comments stripped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.DOTALL):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def gradexp_lines() -> list[str]:
+    """The README's `gradexp ...` commands (the install lines are CI's and the wheel test's)."""
+    return [
+        line
+        for line in bash_lines()
+        if line.startswith("gradexp ") or line.startswith('eval "$(gradexp ')
+    ]
+
+
+def tutorial_rows() -> list[tuple[str, float, float]]:
+    """(command, backward-signal ratio, test accuracy) from the tutorial table."""
+    rows = re.findall(r"^\| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+)", README, re.MULTILINE)
+    return [(cmd, float(ratio), float(acc)) for cmd, ratio, acc in rows]
+
+
+def test_readme_shows_the_commands_this_file_runs():
+    lines = gradexp_lines()
+    assert "gradexp train" in " ".join(bash_lines())  # the main job
+    assert any(" -m " in line for line in lines)  # a sweep
+    assert any(line.startswith("tensorboard --logdir outputs") for line in bash_lines())
+    assert len(tutorial_rows()) >= 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path: Path):
+    for line in gradexp_lines():
+        if "$(" in line:  # eval "$(gradexp train -sc install=bash)": through bash
+            proc = subprocess.run(
+                ["bash", "-c", line.replace("gradexp", " ".join(gradexp_command()), 1)],
+                cwd=tmp_path, env=cli_env(), capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        else:
+            proc = run_cli(line.split()[1:], cwd=tmp_path)
+        assert proc.returncode == 0, f"README: {line}\n{describe(proc)}"
+        assert "Traceback" not in proc.stderr, line
+    runs = sorted(p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
+    # the main job, the tutorial's 3 fixes, the 3-job sweep, the depth-30 AGC run
+    assert len(runs) >= 8, runs
+    status = {run.name: load_summary(run)["status"] for run in runs}
+    # README: ReLU with N(0, 1) weights explodes (a result, exit 0); every other run completes.
+    assert status.pop("0_activation=relu,init=normal") == "diverged"
+    assert set(status.values()) == {"completed"}, status
+
+    # `tensorboard --logdir outputs` lists every run, by its directory name.
+    tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
+    if tensorboard is None:
+        pytest.skip("tensorboard script not found next to the interpreter")
+    port = free_port()
+    server = subprocess.Popen(
+        [tensorboard, "--logdir", "outputs", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        listed: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(listed) < len(runs):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
+                    listed = json.load(r)
+            except OSError:
+                pass
+            time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = {str(run.relative_to(tmp_path / "outputs")) for run in runs}
+    assert expected <= set(listed), (expected, listed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "ratio", "acc"), tutorial_rows())
+def test_tutorial_table_figures(tmp_path: Path, command: str, ratio: float, acc: float):
+    """Each row's step-0 backward-signal ratio (first layer / head) and final test
+    accuracy, as printed in the README, within a tolerance for other platforms."""
+    run_dir = tmp_path / "run"
+    proc = run_cli([*command.split()[1:], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    summary = load_summary(run_dir)
+    layers = summary["layers"]
+    measured = layers[0]["signal_bwd"]["first"] / layers[-1]["signal_bwd"]["first"]
+    assert ratio / 2 <= measured <= ratio * 2, (command, measured)
+    assert summary["metrics"]["acc/test"] == pytest.approx(acc, abs=0.06), command
