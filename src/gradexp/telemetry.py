@@ -76,16 +76,20 @@ class SignalProbe:
     """Records each layer's forward signal RMS(h) and backward signal, while entered.
 
     The backward signal of layer output h is the per-example RMS of dl_i/dh, with
-    l_i example i's loss: for a batch-mean loss L that is B * dL/dh. Forward hooks
-    keep each output and ask autograd to retain its gradient (a tensor-level hook:
-    module backward hooks break on in-place ops); ``result`` then reduces all of
-    them in two foreach calls. Every hook is removed on exit.
+    l_i example i's loss: for a batch-mean loss L that is B * dL/dh. A forward hook
+    takes the norm of each output and puts a tensor hook on it for the norm of its
+    gradient (module backward hooks break on in-place ops). Norms stay on the
+    device; every hook is removed on exit.
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
         self.handles: list[RemovableHandle] = []
-        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        n = len(modules)
+        self.fwd: list[torch.Tensor | None] = [None] * n
+        self.bwd: list[torch.Tensor | None] = [None] * n
+        self.scale = [1.0] * n  # 1/sqrt(numel) per layer: norm -> RMS
+        self.batch = [1.0] * n
 
     def __enter__(self) -> SignalProbe:
         for i, module in enumerate(self.modules):
@@ -103,33 +107,25 @@ class SignalProbe:
         self.handles.clear()
 
     def _forward_hook(self, i: int):
+        def on_grad(grad: torch.Tensor) -> None:
+            self.bwd[i] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.fwd[i] = torch.linalg.vector_norm(output.detach(), dtype=torch.float32)
+            self.scale[i] = 1.0 / math.sqrt(output.numel())
+            self.batch[i] = float(output.shape[0])
             if output.requires_grad:
-                output.retain_grad()
-            self.outputs[i] = output
+                output.register_hook(on_grad)
 
         return hook
 
     def result(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward, backward) signal per layer, NaN where a layer was not reached.
-
-        Call after backward; it releases the outputs it kept.
-        """
-        fwd = torch.full((len(self.outputs),), math.nan, device=device)
-        bwd = fwd.clone()
-        seen = [i for i, h in enumerate(self.outputs) if h is not None]
-        if seen:
-            hs = [self.outputs[i].detach() for i in seen]
-            size = torch.tensor([math.sqrt(h.numel()) for h in hs], device=device)
-            fwd[seen] = torch.stack(torch._foreach_norm(hs)).float() / size
-            with_grad = [j for j, i in enumerate(seen) if self.outputs[i].grad is not None]
-            if with_grad:
-                gs = [self.outputs[seen[j]].grad for j in with_grad]
-                batch = torch.tensor([float(g.shape[0]) for g in gs], device=device)
-                norms = torch.stack(torch._foreach_norm(gs)).float()
-                bwd[[seen[j] for j in with_grad]] = norms * batch / size[with_grad]
-        self.outputs = [None] * len(self.outputs)
-        return fwd, bwd
+        """(forward, backward) signal per layer, NaN where a layer was not reached."""
+        nan = torch.tensor(math.nan, device=device)
+        scale = torch.tensor(self.scale, device=device)
+        fwd = torch.stack([nan if v is None else v for v in self.fwd]) * scale
+        bwd = torch.stack([nan if v is None else v for v in self.bwd])
+        return fwd, bwd * scale * torch.tensor(self.batch, device=device)
 
 
 HIST_BINS = 64
