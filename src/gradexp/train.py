@@ -412,7 +412,8 @@ def _layer_grads(layers: LayerMap, grads: list[torch.Tensor]) -> list[torch.Tens
     per_layer: list[list[torch.Tensor]] = [[] for _ in layers.tags]
     for i, g in zip(layers.layer_of, grads):
         per_layer[i].append(g.detach().flatten())
-    return [torch.cat(gs) if gs else torch.zeros(0) for gs in per_layer]
+    empty = grads[0].new_zeros(0) if grads else torch.zeros(0)
+    return [torch.cat(gs) if gs else empty for gs in per_layer]
 
 
 def _log_step(
