@@ -56,6 +56,74 @@ class MLPConfig:
     bias: bool = True
 
 
+@dataclass
+class ResMLPConfig:
+    """A residual MLP: a first layer, then depth - 1 blocks h + Linear(act(norm(h)))."""
+
+    name: str = "resmlp"
+    depth: int = 20  # weight layers before the head, as in mlp
+    width: int = 16
+    bias: bool = True
+    zero_init_last: bool = False  # zero each block's Linear: every block starts as identity
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    depth: int = 10  # conv layers
+    channels: int = 16
+    kernel_size: int = 3
+    downsample: list[int] = field(default_factory=list)  # layers (0-based) with stride 2
+    bias: bool = True
+
+
+@dataclass
+class ResNetConfig:
+    name: str = "resnet"
+    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])  # basic blocks per stage
+    width: int = 16  # channels of the first stage; doubled at each later stage
+    zero_init_last: bool = False  # zero each block's last norm gain (or conv, without norm)
+
+
+@dataclass
+class NFNetConfig:
+    name: str = "nfnet"
+    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
+    width: int = 16
+    alpha: float = 0.2  # residual branch scale
+    zero_init_last: bool = True  # zero the gain of each branch's last conv (SkipInit)
+
+
+@dataclass
+class RecurrentConfig:
+    """Elman RNN, LSTM and GRU: unrolled step by step unless fused=true."""
+
+    name: str = MISSING
+    hidden_size: int = 64
+    layers: int = 1
+    bias: bool = True
+    fused: bool = False  # torch.nn.RNN/LSTM/GRU (cuDNN on GPU); no per-time-step telemetry
+    recurrent_init: str = "same"  # same | identity | orthogonal | normal
+    recurrent_std: float = 0.01  # for recurrent_init=normal
+    recurrent_scale: float = 1.0  # for identity and orthogonal: spectral radius
+    read: str = "rows"  # images as sequences: rows (H steps of C*W) | pixels (H*W steps of C)
+
+
+@dataclass
+class IRNNConfig(RecurrentConfig):
+    """Le, Jaitly & Hinton 2015: ReLU, identity recurrence, N(0, input_std^2) input/output."""
+
+    name: str = "irnn"
+    recurrent_init: str = "identity"
+    input_std: float = 0.001  # input and output weights; the init group is not used
+
+
+@dataclass
+class LSTMConfig(RecurrentConfig):
+    name: str = "lstm"
+    forget_bias: float = 1.0  # the forget gate's bias starts here (b_ih + b_hh)
+
+
 # --- activation --------------------------------------------------------------
 @dataclass
 class ActivationConfig:
@@ -207,6 +275,39 @@ class DigitsDataConfig(DataConfig):
     test_fraction: float = 0.2
 
 
+@dataclass
+class SyntheticImagesDataConfig(DataConfig):
+    """Each class a smooth random template; examples are shifted, noisy copies."""
+
+    size: int = 16
+    channels: int = 1
+    classes: int = 10
+    noise: float = 0.5  # noise std relative to the templates' (unit) std
+    shift: int = 2  # random circular shift of up to this many pixels on each axis
+    n_train: int = 8192
+    n_test: int = 2048
+
+
+@dataclass
+class AddingDataConfig(DataConfig):
+    """The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015)."""
+
+    length: int = 100  # T, time steps
+    n_train: int = 10000
+    n_test: int = 2000
+
+
+@dataclass
+class CopyDataConfig(DataConfig):
+    """The copy (memory) task: symbols, a blank delay, a go marker, then recall."""
+
+    symbols: int = 8  # vocabulary
+    length: int = 5  # symbols to remember
+    delay: int = 50  # blank steps between the symbols and the go marker
+    n_train: int = 10000
+    n_test: int = 2000
+
+
 # --- trainer ---------------------------------------------------------------------
 @dataclass
 class TrainerConfig:
@@ -220,6 +321,8 @@ class TrainerConfig:
     deterministic: bool = False
     on_nonfinite: OnNonfinite = OnNonfinite.stop
     per_param: bool = False  # also log every parameter's gradient norm
+    tbptt: int = 0  # recurrent models: detach the hidden state every k steps (0: full BPTT)
+    time_samples: int = 32  # recurrent models: time steps whose gradient is logged (0: all)
     threads: int = 1  # torch threads for this run; 0 keeps torch's default (all cores)
     progress: str = "auto"  # auto | rich | plain | off
 
@@ -237,9 +340,53 @@ class Config:
     seed: int = 0
 
 
+RECURRENT_MODELS = ("rnn", "irnn", "lstm", "gru")
+CONV_MODELS = ("cnn", "resnet", "nfnet")
+RECURRENT_INITS = ("same", "identity", "orthogonal", "normal")
+# What each task feeds a model: vectors (B, F), images (B, C, H, W) or sequences (B, T, F).
+DATA_KINDS = {
+    "synthetic": "vector",
+    "digits": "image",
+    "synthetic_images": "image",
+    "adding": "sequence",
+    "copy": "sequence",
+}
+# The inputs each model reads: MLPs flatten anything, recurrent models read images row by
+# row (or pixel by pixel), conv models need images.
+MODEL_INPUTS = {
+    "mlp": ("vector", "image", "sequence"),
+    "resmlp": ("vector", "image", "sequence"),
+    **{name: ("image",) for name in CONV_MODELS},
+    **{name: ("sequence", "image") for name in RECURRENT_MODELS},
+}
+_FEEDFORWARD_NORMS = ("none", "batch", "layer", "group")
+MODEL_NORMS = {
+    "mlp": _FEEDFORWARD_NORMS,
+    "resmlp": _FEEDFORWARD_NORMS,
+    "cnn": (*_FEEDFORWARD_NORMS, "weight_std"),
+    "resnet": (*_FEEDFORWARD_NORMS, "weight_std"),
+    "nfnet": ("none",),
+    **{name: ("none", "layer") for name in RECURRENT_MODELS},
+}
+_NORM_REASONS = {
+    "nfnet": "it is normalizer-free (its convs are scaled weight-standardized already)",
+    "batch": "batch statistics pooled over time steps break the recurrence; "
+    "norm=layer normalizes inside the cell",
+}
+
+
 # The schema each option file names in its defaults list, as /schema_<group>_<kind>.
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"mlp": MLPConfig},
+    "model": {
+        "mlp": MLPConfig,
+        "resmlp": ResMLPConfig,
+        "cnn": CNNConfig,
+        "resnet": ResNetConfig,
+        "nfnet": NFNetConfig,
+        "recurrent": RecurrentConfig,
+        "irnn": IRNNConfig,
+        "lstm": LSTMConfig,
+    },
     "activation": {
         "plain": ActivationConfig,
         "leaky_relu": LeakyReLUConfig,
@@ -262,7 +409,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "agc": AGCConfig,
     },
     "optim": {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig},
-    "data": {"synthetic": SyntheticDataConfig, "digits": DigitsDataConfig},
+    "data": {
+        "synthetic": SyntheticDataConfig,
+        "digits": DigitsDataConfig,
+        "synthetic_images": SyntheticImagesDataConfig,
+        "adding": AddingDataConfig,
+        "copy": CopyDataConfig,
+    },
     "trainer": {"default": TrainerConfig},
 }
 
@@ -304,9 +457,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"trainer.device={t.device}: unknown; choose from auto, cpu, cuda, cuda:N"
         )
-    m = cfg.model
-    _positive(m.depth, "model.depth")
-    _positive(m.width, "model.width")
+    _validate_model(cfg)
     clip = cfg.clip
     if isinstance(clip, ValueClipConfig):
         _positive(clip.threshold, "clip.threshold")
@@ -319,10 +470,12 @@ def validate(cfg: Config) -> None:
     norm = cfg.norm
     if isinstance(norm, GroupNormConfig):
         _positive(norm.num_groups, "norm.num_groups")
-        if m.width % norm.num_groups:
-            divisors = [d for d in range(1, m.width + 1) if m.width % d == 0]
+        key = "channels" if isinstance(cfg.model, CNNConfig) else "width"
+        width = getattr(cfg.model, key)
+        if width % norm.num_groups:
+            divisors = [d for d in range(1, width + 1) if width % d == 0]
             raise ConfigError(
-                f"norm.num_groups={norm.num_groups} does not divide model.width={m.width};"
+                f"norm.num_groups={norm.num_groups} does not divide model.{key}={width};"
                 f" choose from {', '.join(map(str, divisors))}"
             )
     init = cfg.init
@@ -348,6 +501,101 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if isinstance(cfg.data, DigitsDataConfig) and not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction}: must be in (0, 1)")
+    _validate_data(cfg.data)
+    _validate_pairing(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("depth", "width", "channels", "kernel_size", "hidden_size", "layers", "alpha"):
+        if hasattr(m, key):
+            _positive(getattr(m, key), f"model.{key}")
+    if hasattr(m, "blocks"):
+        if not m.blocks or min(m.blocks) < 1:
+            raise ConfigError(f"model.blocks={list(m.blocks)}: need one or more stages of >= 1")
+    if isinstance(m, CNNConfig):
+        bad = [i for i in m.downsample if not 0 <= i < m.depth]
+        if bad:
+            raise ConfigError(
+                f"model.downsample={list(m.downsample)}: layer {bad[0]} is not in"
+                f" 0..{m.depth - 1} (model.depth={m.depth})"
+            )
+    if isinstance(m, RecurrentConfig):
+        if m.recurrent_init not in RECURRENT_INITS:
+            raise ConfigError(
+                f"model.recurrent_init={m.recurrent_init}: unknown; choose from"
+                f" {', '.join(RECURRENT_INITS)}"
+            )
+        if m.read not in ("rows", "pixels"):
+            raise ConfigError(f"model.read={m.read}: unknown; choose from rows, pixels")
+        if m.recurrent_std < 0:
+            raise ConfigError(f"model.recurrent_std={m.recurrent_std}: must be >= 0")
+        if isinstance(m, IRNNConfig) and m.input_std < 0:
+            raise ConfigError(f"model.input_std={m.input_std}: must be >= 0")
+        if m.fused:
+            fusable = ("tanh", "relu") if m.name in ("rnn", "irnn") else ("tanh",)
+            if cfg.activation.name not in fusable:
+                raise ConfigError(
+                    f"activation={cfg.activation.name}: model.fused=true runs torch's"
+                    f" {m.name.upper()}, which supports {', '.join(fusable)}; or set"
+                    " model.fused=false"
+                )
+            if cfg.norm.name != "none":
+                raise ConfigError(
+                    f"norm={cfg.norm.name}: model.fused=true has no norm inside the cell;"
+                    " choose norm=none or model.fused=false"
+                )
+    t = cfg.trainer
+    if t.tbptt < 0:
+        raise ConfigError(f"trainer.tbptt={t.tbptt}: must be >= 0 (0: full BPTT)")
+    if t.tbptt and not isinstance(m, RecurrentConfig):
+        raise ConfigError(
+            f"trainer.tbptt={t.tbptt}: model={m.name} is not recurrent; choose from"
+            f" {', '.join(RECURRENT_MODELS)}"
+        )
+    if t.time_samples < 0:
+        raise ConfigError(f"trainer.time_samples={t.time_samples}: must be >= 0 (0: all)")
+
+
+def _validate_data(data: Any) -> None:
+    keys = {
+        SyntheticImagesDataConfig: ("size", "channels", "n_train", "n_test"),
+        AddingDataConfig: ("n_train", "n_test"),
+        CopyDataConfig: ("length", "delay", "n_train", "n_test"),
+    }.get(type(data), ())
+    for key in keys:
+        _positive(getattr(data, key), f"data.{key}")
+    for key, low in (("classes", 2), ("symbols", 2)):
+        if hasattr(data, key) and getattr(data, key) < low:
+            raise ConfigError(f"data.{key}={getattr(data, key)}: need at least {low}")
+    if isinstance(data, AddingDataConfig) and data.length < 2:
+        raise ConfigError(f"data.length={data.length}: need at least 2 (one marker per half)")
+    if isinstance(data, SyntheticImagesDataConfig):
+        if data.noise < 0:
+            raise ConfigError(f"data.noise={data.noise}: must be >= 0")
+        if not 0 <= data.shift < data.size:
+            raise ConfigError(f"data.shift={data.shift}: must be in 0..{data.size - 1}")
+
+
+def _validate_pairing(cfg: Config) -> None:
+    """Which models read which tasks, and which norms each model takes."""
+    model, data, norm = cfg.model.name, cfg.data.name, cfg.norm.name
+    kind = DATA_KINDS.get(data)
+    if kind is not None and model in MODEL_INPUTS and kind not in MODEL_INPUTS[model]:
+        fits = [name for name, kinds in MODEL_INPUTS.items() if kind in kinds]
+        raise ConfigError(
+            f"model={model} does not fit data={data} (a {kind} task); models for it:"
+            f" {', '.join(fits)}"
+        )
+    allowed = MODEL_NORMS.get(model)
+    if allowed is not None and norm not in allowed:
+        reason = _NORM_REASONS.get(model)
+        if reason is None and model in RECURRENT_MODELS:
+            reason = _NORM_REASONS.get(norm)
+        takes = f"model={model} takes {', '.join(allowed)}"
+        raise ConfigError(
+            f"norm={norm} does not fit model={model}: " + (f"{reason}; {takes}" if reason else takes)
+        )
 
 
 def _check_known_keys(obj: Any, path: str = "") -> None:

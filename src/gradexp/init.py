@@ -97,27 +97,56 @@ def _identity(w: torch.Tensor, cfg: IdentityInitConfig) -> None:
         w.mul_(cfg.scale)
 
 
+def weights_and_biases(
+    model: nn.Module,
+) -> list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]:
+    """(name, weight matrices, biases) of every Linear, Conv and torch RNN module.
+
+    A torch RNN/LSTM/GRU stacks its gates' matrices, (gates * H, in): each gate's
+    block is returned as its own weight, so fan-based inits see (H, in) matrices.
+    """
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHTED):
+            biases = [module.bias] if module.bias is not None else []
+            out.append((name, [module.weight], biases))
+        elif isinstance(module, nn.RNNBase):
+            gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+            for pname, p in module.named_parameters():
+                if pname.startswith("weight"):
+                    out.append((f"{name}.{pname}", list(p.chunk(gates)), []))
+                else:
+                    out.append((f"{name}.{pname}", [], [p]))
+    return out
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg: InitConfig, act: ActivationConfig) -> list[str]:
-    """Initialize every Linear/Conv of ``model``; returns notes for the run log."""
-    if cfg.name == "default":
-        return []
+    """Initialize every Linear/Conv/RNN weight of ``model``; returns notes for the run log.
+
+    Then every module with a ``post_init(init_cfg, act_cfg) -> list[str]`` method
+    applies what its architecture prescribes over the group's choice (recurrent
+    matrices, forget-gate biases, zero-initialized residual branches), also for
+    ``init=default``.
+    """
     notes = []
     fallback: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, WEIGHTED):
-            continue
-        w = module.weight
-        if isinstance(cfg, IdentityInitConfig):
-            if is_square(w):
-                _identity(w, cfg)
+    for name, weights, biases in weights_and_biases(model) if cfg.name != "default" else []:
+        for w in weights:
+            if isinstance(cfg, IdentityInitConfig):
+                if is_square(w):
+                    _identity(w, cfg)
+                else:
+                    INITS.get(cfg.fallback)(w, cfg, act)
+                    fallback.append(f"{name} {tuple(w.shape)}")
             else:
-                INITS.get(cfg.fallback)(w, cfg, act)
-                fallback.append(f"{name} {tuple(w.shape)}")
-        else:
-            INITS.get(cfg.name)(w, cfg, act)
-        if module.bias is not None:
-            nn.init.constant_(module.bias, cfg.bias)
+                INITS.get(cfg.name)(w, cfg, act)
+        for b in biases:
+            nn.init.constant_(b, cfg.bias)
+    for module in model.modules():
+        post_init = getattr(module, "post_init", None)
+        if callable(post_init):
+            notes.extend(post_init(cfg, act))
     if fallback:
         assert isinstance(cfg, IdentityInitConfig)
         notes.append(

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from gradexp.clipping import Clipper
@@ -27,7 +26,7 @@ from gradexp.config import Amp, Config, OnNonfinite
 from gradexp.data import Dataset, load_data
 from gradexp.display import ProgressReporter, print_summary, status_line
 from gradexp.errors import ConfigError
-from gradexp.init import WEIGHTED, init_weights
+from gradexp.init import init_weights, weights_and_biases
 from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
@@ -42,6 +41,7 @@ PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
 # Scalars whose final values go into summary.json and the HParams tab.
 FINAL_METRICS = (
     "loss/train",
+    "loss/baseline",
     "acc/train",
     "loss/test",
     "acc/test",
@@ -87,6 +87,10 @@ def custom_scalars_layout() -> dict[str, Any]:
         return ["Multiline", [rf"^{tag}/\d+_"]]
 
     return {
+        "task": {
+            "loss (train, test) and the input-blind baseline": ["Multiline", [r"^loss/"]],
+            "accuracy (train, test)": ["Multiline", [r"^acc/"]],
+        },
         "gradient flow": {
             "gradient norm per layer": chart("grad_norm"),
             "backward signal per layer": chart("signal_bwd"),
@@ -102,10 +106,16 @@ def custom_scalars_layout() -> dict[str, Any]:
 
 
 def hparams_of(cfg: Config) -> dict[str, Any]:
+    """The run's choices for TensorBoard's HParams tab: every group, the model's sizes."""
+    model = {
+        key: str(list(value)) if isinstance(value, list) else value
+        for key, value in vars(cfg.model).items()
+        if key != "name"
+    }
     return {
         "model": cfg.model.name,
-        "depth": cfg.model.depth,
-        "width": cfg.model.width,
+        **model,
+        "data": cfg.data.name,
         "activation": cfg.activation.name,
         "init": cfg.init.name,
         "norm": cfg.norm.name,
@@ -113,23 +123,30 @@ def hparams_of(cfg: Config) -> dict[str, Any]:
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
         "batch_size": cfg.trainer.batch_size,
+        "tbptt": cfg.trainer.tbptt,
         "seed": cfg.seed,
     }
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Any) -> torch.Tensor:
-    """(loss, accuracy) on the whole of x, y in eval mode, as a device tensor."""
+def evaluate(model: torch.nn.Module, data: Dataset, amp: Any) -> torch.Tensor:
+    """(loss, accuracy) on the whole test set in eval mode, as a device tensor.
+
+    Per prediction, as in training (the copy task makes several per example); the
+    accuracy is NaN for a regression task.
+    """
+    x, y = data.x_test, data.y_test
     model.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
     for xb, yb in zip(x.split(4096), y.split(4096)):
         with amp():
             out = model(xb).float()
-        loss += F.cross_entropy(out, yb, reduction="sum")
-        correct += (out.argmax(1) == yb).sum()
+        loss += data.loss(out, yb, reduction="sum")
+        hits = data.correct(out, yb)
+        correct += hits if hits is not None else math.nan
     model.train()
-    return torch.stack([loss, correct]) / len(x)
+    return torch.stack([loss, correct]) / y.numel()
 
 
 class History:
@@ -203,8 +220,8 @@ def run(
     def amp() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
 
-    # L1 acts on the Linear/Conv weights only, not on norm gains or PReLU slopes.
-    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
+    # L1 acts on the Linear/Conv/RNN weights only, not on norm gains or PReLU slopes.
+    weights = [w for _, ws, _ in weights_and_biases(model) for w in ws]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
     logger = (
         logger if logger is not None else TensorBoardLogger(output_dir, custom_scalars_layout())
@@ -263,7 +280,7 @@ def run(
             with probe:
                 with amp():
                     out = model(x)
-                    loss = F.cross_entropy(out.float(), y)
+                    loss = data.loss(out.float(), y)
                 if check_every_step and not grads_checked and bool(~torch.isfinite(loss.detach())):
                     # p.grad still holds the previous, unchecked step's gradients: if they
                     # were non-finite, that step came first (as a per-step check would say).
@@ -290,13 +307,16 @@ def run(
                     bwd = bwd / scaler.get_scale()  # tensor hooks saw the scaled loss
                 stats.update(
                     loss=loss.detach(),
-                    acc=(out.argmax(1) == y).float().mean(),
+                    baseline=torch.tensor(data.baseline, device=device),
                     grad_norm=pre_sq.sqrt(),
                     signal_fwd=fwd,
                     signal_bwd=bwd,
                     total_pre=pre_sq.sum().sqrt(),
                     weight_sq=layers.layer_sq_norms([p.detach() for p in layers.params]),
                 )
+                hits = data.correct(out.detach(), y)
+                if hits is not None:
+                    stats["acc"] = hits / y.numel()
                 if t.per_param:
                     stats["param_norm"] = torch.stack(torch._foreach_norm(grads))
                 if hist_now:
@@ -358,7 +378,7 @@ def run(
                     torch._foreach_sub_(snapshot, [p.detach() for p in layers.params])
                     stats["update_sq"] = layers.layer_sq_norms(snapshot)
                 if eval_now:
-                    stats["test"] = evaluate(model, data.x_test, data.y_test, amp)
+                    stats["test"] = evaluate(model, data, amp)
                 now = time.perf_counter()
                 rate = (step - log_step) / max(now - log_time, 1e-9)
                 log_time, log_step = now, step
@@ -456,7 +476,7 @@ def _log_step(
     values: dict[str, float] = {
         **(scalars or {}),
         "loss/train": host["loss"][0],
-        "acc/train": host["acc"][0],
+        "loss/baseline": host["baseline"][0],
         "grad/norm_pre_clip": host["total_pre"][0],
         "opt/lr": optimizer.param_groups[0]["lr"],
         "flow/grad_norm_ratio": _ratio(host["grad_norm"]),
@@ -471,8 +491,12 @@ def _log_step(
         values["clip/frac"] = host["clip:frac"][0]
     if scaler.is_enabled():
         values["amp/scale"] = scaler.get_scale()
+    if "acc" in host:
+        values["acc/train"] = host["acc"][0]
     if "test" in host:
-        values["loss/test"], values["acc/test"] = host["test"]
+        values["loss/test"], acc = host["test"]
+        if not math.isnan(acc):  # NaN: a regression task
+            values["acc/test"] = acc
     for key, per in per_layer.items():
         for tag, v in zip(layers.tags, per):
             if not (key == "clip_frac" and math.isnan(v)):  # NaN: a layer AGC leaves out

@@ -10,6 +10,7 @@ from torch import nn
 from gradexp.config import Config
 from gradexp.data import DataSpec
 from gradexp.layers import create_act, create_norm
+from gradexp.models import MODELS
 
 
 class Block(nn.Module):
@@ -31,6 +32,7 @@ class MLP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> MLP:
+        """Any task: images and sequences are flattened."""
         m = cfg.model
         in_features = math.prod(spec.input_shape)
         sizes = [in_features] + [m.width] * m.depth
@@ -42,14 +44,17 @@ class MLP(nn.Module):
             )
             for n_in, n_out in zip(sizes[:-1], sizes[1:])
         ]
-        return cls(blocks, spec.num_classes, bias=m.bias)
+        return cls(blocks, spec.out_features, bias=m.bias)
 
     def depth_layers(self) -> list[tuple[str, nn.Module]]:
         layers = [(f"hidden.{i}", b) for i, b in enumerate(self.hidden)]
         return layers + [("head", self.head)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
+        x = x.flatten(1)  # images and sequences: one vector per example
         for block in self.hidden:
             x = block(x)
         return self.head(x)
+
+
+MODELS.register("mlp", MLP.from_config)
