@@ -1,12 +1,20 @@
 """What gradexp's telemetry costs: the trainer against a bare PyTorch loop, in one process.
 
-A 50-layer, width-256 tanh MLP (batch 128, SGD) is trained three ways, interleaved
-and repeated: a bare loop with the same model, data and optimizer; the gradexp
-trainer logging every step; and logging every 10 steps (TensorBoard written to a
-temporary directory in both). Each is reported as the ratio of its time per step
-to the bare loop's (median over repeats): machines here are noisy, ratios are not.
+Each workload is trained several ways, interleaved and repeated: a bare loop with the
+same model, data, loss and optimizer; the gradexp trainer logging every step, every
+10 steps, and only at its first and last step (so nearly every step is a non-logging
+step: the cost telemetry adds when it is not logging). TensorBoard is written to a
+temporary directory. Each is reported as the ratio of its time per step to the bare
+loop's (median of paired ratios): machines here are noisy, ratios are not.
 
-    python scripts/bench_overhead.py [--steps 200] [--repeats 5] [--device cpu]
+Workloads:
+    mlp     50 x Linear(256) + tanh, batch 128, SGD
+    lstm    LSTM (hidden 128) on the adding problem, T=100, batch 64: per-time-step
+            telemetry on logging steps; also the fused torch.nn.LSTM path, whose
+            steps/s the README compares with the unrolled one
+    resnet  ResNet [2, 2, 2] width 16 with BatchNorm on 16x16 synthetic images, batch 64
+
+    python scripts/bench_overhead.py [--workload all] [--steps 200] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from rich.console import Console
 
@@ -34,20 +41,53 @@ from gradexp.train import run
 CONFIG_DIR = str(Path(gradexp.__file__).parent / "configs")
 
 
-def make_config(steps: int, log_every: int, device: str):
-    overrides = [
+WORKLOADS = {
+    "mlp": [
         "model.depth=50",
         "model.width=256",
         "activation=tanh",
         "init=xavier_normal",
         "data.features=256",
+        "trainer.batch_size=128",
+    ],
+    "lstm": [
+        "model=lstm",
+        "model.hidden_size=128",
+        "init=xavier_uniform",
+        "data=adding",
+        "data.length=100",
+        "data.n_train=2048",
+        "trainer.batch_size=64",
+    ],
+    "lstm_fused": [
+        "model=lstm",
+        "model.fused=true",
+        "model.hidden_size=128",
+        "init=xavier_uniform",
+        "data=adding",
+        "data.length=100",
+        "data.n_train=2048",
+        "trainer.batch_size=64",
+    ],
+    "resnet": [
+        "model=resnet",
+        "norm=batch",
+        "activation=relu",
+        "init=kaiming_normal",
+        "trainer.batch_size=64",
+    ],
+}
+
+
+def make_config(workload: str, steps: int, log_every: int, device: str):
+    overrides = [
+        *WORKLOADS[workload],
         "data.n_test=128",  # the final evaluation is not telemetry: keep it negligible
         f"trainer.steps={steps}",
         f"trainer.log_every={log_every}",
         f"trainer.hist_every={10 * steps}",
         f"trainer.eval_every={10 * steps}",
         "trainer.progress=off",
-        "trainer.batch_size=128",
         f"trainer.device={device}",
     ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -67,7 +107,7 @@ def bare_loop(cfg, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(cfg.trainer.steps):
         x, y = data.batch(cfg.trainer.batch_size, g)
-        loss = F.cross_entropy(model(x), y)
+        loss = data.loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -81,8 +121,24 @@ def trainer(cfg, out: Path) -> float:
     return 1.0 / summary["steps_per_s"]
 
 
+def bench(workload: str, steps: int, repeats: int, device: torch.device) -> dict[str, list]:
+    """Seconds per step of each variant of ``workload``, one list entry per repeat."""
+    never = 10 * steps  # log only at the first and the last step
+    cfgs = {every: make_config(workload, steps, every, device.type) for every in (1, 10, never)}
+    names = {1: "log every step", 10: "log every 10 steps", never: "log first+last only"}
+    times: dict[str, list[float]] = {"bare": [], **{name: [] for name in names.values()}}
+    bare_loop(cfgs[1], device)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            times["bare"].append(bare_loop(cfgs[1], device))
+            for every, name in names.items():
+                times[name].append(trainer(cfgs[every], Path(tmp) / f"{every}-{r}"))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -91,24 +147,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     register_configs()
     device = torch.device(args.device)
-    cfgs = {every: make_config(args.steps, every, args.device) for every in (1, 10)}
-    times: dict[str, list[float]] = {"bare": [], "log every step": [], "log every 10 steps": []}
-    bare_loop(cfgs[1], device)  # warm-up
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            times["bare"].append(bare_loop(cfgs[1], device))
-            times["log every step"].append(trainer(cfgs[1], Path(tmp) / f"every1-{r}"))
-            times["log every 10 steps"].append(trainer(cfgs[10], Path(tmp) / f"every10-{r}"))
     print(
         f"device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
         f"{args.steps} steps x {args.repeats} repeats"
     )
-    for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, times["bare"])]
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    bare: dict[str, float] = {}
+    for workload in workloads:
+        times = bench(workload, args.steps, args.repeats, device)
+        bare[workload] = statistics.median(times["bare"])
+        print(f"{workload}:")
+        for name, ts in times.items():
+            ratios = [t / b for t, b in zip(ts, times["bare"])]
+            print(
+                f"  {name:>20}: {1e3 * statistics.median(ts):8.2f} ms/step"
+                f" {1 / statistics.median(ts):8.1f} steps/s  ratio"
+                f" {statistics.median(ratios):.3f} (median of paired ratios;"
+                f" range {min(ratios):.3f}-{max(ratios):.3f})"
+            )
+    if "lstm" in bare and "lstm_fused" in bare:
+        speedup = bare["lstm"] / bare["lstm_fused"]
         print(
-            f"{name:>20}: {1e3 * statistics.median(ts):7.2f} ms/step"
-            f"  ratio {statistics.median(ratios):.3f} (median of paired ratios;"
-            f" range {min(ratios):.3f}-{max(ratios):.3f})"
+            f"bare loop steps/s: unrolled LSTM {1 / bare['lstm']:.1f}, fused"
+            f" {1 / bare['lstm_fused']:.1f} (fused/unrolled {speedup:.2f}x)"
         )
 
 

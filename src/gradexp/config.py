@@ -510,9 +510,8 @@ def _validate_model(cfg: Config) -> None:
     for key in ("depth", "width", "channels", "kernel_size", "hidden_size", "layers", "alpha"):
         if hasattr(m, key):
             _positive(getattr(m, key), f"model.{key}")
-    if hasattr(m, "blocks"):
-        if not m.blocks or min(m.blocks) < 1:
-            raise ConfigError(f"model.blocks={list(m.blocks)}: need one or more stages of >= 1")
+    if hasattr(m, "blocks") and (not m.blocks or min(m.blocks) < 1):
+        raise ConfigError(f"model.blocks={list(m.blocks)}: need one or more stages of >= 1")
     if isinstance(m, CNNConfig):
         bad = [i for i in m.downsample if not 0 <= i < m.depth]
         if bad:
@@ -593,9 +592,8 @@ def _validate_pairing(cfg: Config) -> None:
         if reason is None and model in RECURRENT_MODELS:
             reason = _NORM_REASONS.get(norm)
         takes = f"model={model} takes {', '.join(allowed)}"
-        raise ConfigError(
-            f"norm={norm} does not fit model={model}: " + (f"{reason}; {takes}" if reason else takes)
-        )
+        why = f"{reason}; {takes}" if reason else takes
+        raise ConfigError(f"norm={norm} does not fit model={model}: {why}")
 
 
 def _check_known_keys(obj: Any, path: str = "") -> None:

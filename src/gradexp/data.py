@@ -162,9 +162,7 @@ def synthetic_images(cfg: DataConfig, device: torch.device) -> Dataset:
     coarse = torch.randn(cfg.classes, cfg.channels, 4, 4, generator=g, device=device)
     templates = F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False)
     flat = templates.flatten(1)
-    templates = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(
-        templates
-    )
+    templates = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(templates)
     y = torch.randint(cfg.classes, (n,), generator=g, device=device)
     shifts = torch.randint(-cfg.shift, cfg.shift + 1, (n, 2), generator=g, device=device)
     # Roll by gathering: row r of example i reads row (r - shift_i) mod size.

@@ -8,6 +8,7 @@ logging steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -126,6 +127,72 @@ class SignalProbe:
         fwd = torch.stack([nan if v is None else v for v in self.fwd]) * scale
         bwd = torch.stack([nan if v is None else v for v in self.bwd])
         return fwd, bwd * scale * torch.tensor(self.batch, device=device)
+
+
+def sample_steps(steps: int, samples: int) -> list[int]:
+    """``samples`` time steps spread evenly over 0..steps-1, first and last included
+    (all of them for samples=0 or samples >= steps)."""
+    if samples <= 0 or samples >= steps:
+        return list(range(steps))
+    if samples == 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (samples - 1)) for i in range(samples)})
+
+
+class TimeProbe:
+    """Records ||dL/dh_t||, the gradient that reaches each time step, while entered.
+
+    For every traceable recurrent layer (``layer.trace``, see gradexp.models.recurrent)
+    and each sampled step t, a tensor hook on h_t takes the norm of the whole gradient
+    of the loss with respect to h_t, over batch and units: through the recurrence, the
+    layer above and the head alike. A state the gradient never reaches (cut off by
+    truncated BPTT) reads 0. Norms stay on the device; ``trace`` is reset on exit, so
+    steps that do not log pay nothing.
+    """
+
+    def __init__(self, layers: list[nn.Module], samples: int) -> None:
+        self.layers = layers
+        self.samples = samples
+        self.steps: list[list[int]] = [[] for _ in layers]
+        self.norms: list[torch.Tensor | None] = [None] * len(layers)
+
+    def __enter__(self) -> TimeProbe:
+        for i, layer in enumerate(self.layers):
+            layer.trace = self._tracer(i)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.trace = None
+
+    def _tracer(self, i: int):
+        slots: dict[int, int] = {}
+
+        def record(k: int) -> Callable[[torch.Tensor], None]:
+            def on_grad(grad: torch.Tensor) -> None:
+                norms = self.norms[i]
+                assert norms is not None
+                norms[k] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+            return on_grad
+
+        def trace(t: int, length: int, h: torch.Tensor) -> None:
+            if t == 0:  # a new forward pass
+                steps = sample_steps(length, self.samples)
+                slots.clear()
+                slots.update({s: k for k, s in enumerate(steps)})
+                self.steps[i] = steps
+                self.norms[i] = torch.zeros(len(steps), device=h.device)
+            k = slots.get(t)
+            if k is not None and h.requires_grad:
+                h.register_hook(record(k))
+
+        return trace
+
+    def result(self) -> list[tuple[list[int], torch.Tensor]]:
+        """(sampled steps, ||dL/dh_t|| at them) per layer; empty for a layer not run."""
+        empty = torch.zeros(0)
+        return [(steps, n if n is not None else empty) for steps, n in zip(self.steps, self.norms)]
 
 
 HIST_BINS = 64

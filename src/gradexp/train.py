@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,13 @@ from gradexp.init import init_weights, weights_and_biases
 from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
-from gradexp.telemetry import LayerMap, SignalProbe, histogram_from_stats, histogram_stats
+from gradexp.telemetry import (
+    LayerMap,
+    SignalProbe,
+    TimeProbe,
+    histogram_from_stats,
+    histogram_stats,
+)
 
 log = logging.getLogger(__name__)
 # The run's own log file (train.log) only: the terminal already shows the table and status.
@@ -47,6 +54,7 @@ FINAL_METRICS = (
     "acc/test",
     "flow/grad_norm_ratio",
     "flow/signal_bwd_ratio",
+    "flow/time_grad_ratio",
 )
 
 
@@ -80,13 +88,19 @@ def check_writable(output_dir: Path) -> None:
         raise ConfigError(f"output dir {output_dir}: cannot be written ({e.strerror})") from None
 
 
-def custom_scalars_layout() -> dict[str, Any]:
-    """TensorBoard's Custom Scalars tab: every layer of a quantity on one chart."""
+def custom_scalars_layout(time_tags: list[str] | None = None) -> dict[str, Any]:
+    """TensorBoard's Custom Scalars tab: every layer of a quantity on one chart, and for a
+    recurrent layer every logged time step's gradient on one chart."""
 
     def chart(tag: str) -> list[Any]:
         return ["Multiline", [rf"^{tag}/\d+_"]]
 
+    through_time = {
+        f"||dL/dh_t|| per time step, {tag}": ["Multiline", [rf"^time_grad/{re.escape(tag)}/"]]
+        for tag in time_tags or []
+    }
     return {
+        **({"gradient through time": through_time} if through_time else {}),
         "task": {
             "loss (train, test) and the input-blind baseline": ["Multiline", [r"^loss/"]],
             "accuracy (train, test)": ["Multiline", [r"^acc/"]],
@@ -156,6 +170,23 @@ class History:
         self.tags = tags
         self.first: dict[str, list[float]] = {}
         self.last: dict[str, list[float]] = {}
+        # Recurrent layers: the time steps whose gradient is logged (values as "time:<tag>").
+        self.time_steps: dict[str, list[int]] = {}
+
+    def time(self) -> list[dict[str, Any]]:
+        """The gradient that reached each logged time step, per recurrent layer."""
+        out = []
+        for tag, steps in self.time_steps.items():
+            first, last = self.first[f"time:{tag}"], self.last[f"time:{tag}"]
+            out.append(
+                {
+                    "layer": tag.split("_", 1)[1],
+                    "steps": steps,
+                    "grad_norm": {"first": first, "last": last},
+                    "ratio": {"first": _ratio(first), "last": _ratio(last)},
+                }
+            )
+        return out
 
     def add(self, key: str, values: list[float]) -> None:
         self.first.setdefault(key, values)
@@ -210,6 +241,8 @@ def run(
     model = create_model(cfg, data.spec).to(device)
     notes = init_weights(model, cfg.init, cfg.activation)
     layers = LayerMap.of(model)
+    # Recurrent layers unrolled in Python report the gradient reaching each time step.
+    traced = [(tag, m) for tag, m in zip(layers.tags, layers.modules) if getattr(m, "traceable", 0)]
     optimizer = create_optimizer(cfg.optim, layers.params)
     scheduler = create_scheduler(cfg.optim, optimizer, t.steps)
     clipper = Clipper(cfg.clip, layers.params, layers.param_names, layers.layer_of, len(layers))
@@ -223,13 +256,20 @@ def run(
     # L1 acts on the Linear/Conv/RNN weights only, not on norm gains or PReLU slopes.
     weights = [w for _, ws, _ in weights_and_biases(model) for w in ws]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
-    logger = (
-        logger if logger is not None else TensorBoardLogger(output_dir, custom_scalars_layout())
-    )
+    if logger is None:
+        logger = TensorBoardLogger(output_dir, custom_scalars_layout([tag for tag, _ in traced]))
     for note in notes:
         logger.text("run/notes", note, 0)
     file_log.info("start: %s on %s, writing to %s", hparams_of(cfg), device, output_dir)
     history = History(layers.tags)
+    # The final metrics this run can have, for the HParams tab (no accuracy for a
+    # regression task, no time ratio without an unrolled recurrent layer).
+    metric_tags = [
+        k
+        for k in FINAL_METRICS
+        if not (k.startswith("acc/") and data.spec.regression)
+        and not (k == "flow/time_grad_ratio" and not traced)
+    ]
     last: dict[str, float] = {}
     # Non-finite bookkeeping lives on the device so that steps need not synchronize:
     # the first bad step, and which layers' gradients were non-finite then.
@@ -260,6 +300,7 @@ def run(
             "steps": steps_done,
             "metrics": {k: last[k] for k in FINAL_METRICS if k in last},
             "layers": history.layers(),
+            "time": history.time(),
             "nonfinite": first,
             "skipped_steps": skipped,
             "wall_time_s": round(wall, 3),
@@ -277,7 +318,12 @@ def run(
             log_now = step % t.log_every == 0 or hist_now or eval_now or final
             x, y = data.batch(t.batch_size, batches)
             probe = SignalProbe(layers.modules) if log_now else contextlib.nullcontext()
-            with probe:
+            time_probe = (
+                TimeProbe([m for _, m in traced], t.time_samples)
+                if log_now and traced
+                else contextlib.nullcontext()
+            )
+            with probe, time_probe:
                 with amp():
                     out = model(x)
                     loss = data.loss(out.float(), y)
@@ -314,6 +360,10 @@ def run(
                     total_pre=pre_sq.sum().sqrt(),
                     weight_sq=layers.layer_sq_norms([p.detach() for p in layers.params]),
                 )
+                if traced:
+                    for (tag, _), (steps, norms) in zip(traced, time_probe.result()):
+                        stats[f"time:{tag}"] = norms
+                        history.time_steps[tag] = steps
                 hits = data.correct(out.detach(), y)
                 if hits is not None:
                     stats["acc"] = hits / y.numel()
@@ -402,7 +452,7 @@ def run(
     finally:
         progress.close()
         result = summary()
-        _finish(logger, cfg, result, output_dir)
+        _finish(logger, cfg, result, output_dir, metric_tags)
     if status == "diverged" and t.on_nonfinite.name == "raise":
         nf = result["nonfinite"]
         raise NonFiniteError(
@@ -502,6 +552,16 @@ def _log_step(
             if not (key == "clip_frac" and math.isnan(v)):  # NaN: a layer AGC leaves out
                 values[f"{key}/{tag}"] = v
         history.add(key, per)
+    for tag, steps in history.time_steps.items():
+        norms = host.get(f"time:{tag}")
+        if not norms:
+            continue
+        pad = len(str(steps[-1]))
+        for t, v in zip(steps, norms):
+            values[f"time_grad/{tag}/t{t:0{pad}d}"] = v
+        history.add(f"time:{tag}", norms)
+        # First over last time step; the last recurrent layer (nearest the loss) is reported.
+        values["flow/time_grad_ratio"] = _ratio(norms)
     for tag in layers.tags:
         if f"hist:{tag}" in host:
             h = host[f"hist:{tag}"]
@@ -528,11 +588,17 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _finish(logger: MetricLogger, cfg: Config, result: dict[str, Any], output_dir: Path) -> None:
+def _finish(
+    logger: MetricLogger,
+    cfg: Config,
+    result: dict[str, Any],
+    output_dir: Path,
+    metric_tags: list[str],
+) -> None:
     """Write hparams and summary.json, flush TensorBoard: on every way out of a run."""
     text = json.dumps(_json_safe(result), indent=2, allow_nan=False)
     try:
-        logger.hparams({**hparams_of(cfg), "status": result["status"]}, list(FINAL_METRICS))
+        logger.hparams({**hparams_of(cfg), "status": result["status"]}, metric_tags)
         logger.text("run/summary", f"```\n{text}\n```", result["steps"])
         logger.close()
     finally:
