@@ -112,6 +112,8 @@ class RecurrentLayer(nn.Module):
         h = x.new_zeros(batch, self.hidden_size)
         c = x.new_zeros(batch, self.hidden_size) if self.kind == "lstm" else None
         outs = []
+        # unbind, not gx[:, t]: each slice's backward would fill a zero tensor of gx's size.
+        gxs = gx.unbind(1)
         for t in range(steps):
             if self.tbptt and t and t % self.tbptt == 0:
                 h = h.detach()
@@ -119,7 +121,7 @@ class RecurrentLayer(nn.Module):
             gh = F.linear(h, w_hh, b_hh)
             if self.norm_h is not None:
                 gh = self.norm_h(gh)
-            h, c = self._step(gx[:, t], gh, h, c)
+            h, c = self._step(gxs[t], gh, h, c)
             if self.trace is not None:
                 self.trace(t, steps, h)
             outs.append(h)
