@@ -67,9 +67,12 @@ class LayerMap:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def layer_sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Squared L2 norm of each layer's tensors taken together, shape (layers,)."""
-        norms = torch.stack(torch._foreach_norm(tensors)).float()
-        out = torch.zeros(len(self), device=norms.device)
+        """Squared L2 norm of each layer's tensors taken together, shape (layers,).
+
+        In float64: a vanished gradient's entries (< 1e-19) would square to 0 in float32.
+        """
+        norms = torch.stack(torch._foreach_norm(tensors, dtype=torch.float64))
+        out = torch.zeros(len(self), device=norms.device, dtype=torch.float64)
         return out.index_add_(0, self.index, norms.square())
 
 
@@ -109,10 +112,10 @@ class SignalProbe:
 
     def _forward_hook(self, i: int):
         def on_grad(grad: torch.Tensor) -> None:
-            self.bwd[i] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self.bwd[i] = torch.linalg.vector_norm(grad, dtype=torch.float64)
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.fwd[i] = torch.linalg.vector_norm(output.detach(), dtype=torch.float32)
+            self.fwd[i] = torch.linalg.vector_norm(output.detach(), dtype=torch.float64)
             self.scale[i] = 1.0 / math.sqrt(output.numel())
             self.batch[i] = float(output.shape[0])
             if output.requires_grad:
@@ -122,11 +125,12 @@ class SignalProbe:
 
     def result(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward, backward) signal per layer, NaN where a layer was not reached."""
-        nan = torch.tensor(math.nan, device=device)
-        scale = torch.tensor(self.scale, device=device)
+        # float64 throughout: a vanished backward signal stays a tiny number, not 0.
+        nan = torch.tensor(math.nan, device=device, dtype=torch.float64)
+        scale = torch.tensor(self.scale, device=device, dtype=torch.float64)
         fwd = torch.stack([nan if v is None else v for v in self.fwd]) * scale
         bwd = torch.stack([nan if v is None else v for v in self.bwd])
-        return fwd, bwd * scale * torch.tensor(self.batch, device=device)
+        return fwd, bwd * scale * torch.tensor(self.batch, device=device, dtype=torch.float64)
 
 
 def sample_steps(steps: int, samples: int) -> list[int]:
@@ -172,7 +176,8 @@ class TimeProbe:
             def on_grad(grad: torch.Tensor) -> None:
                 norms = self.norms[i]
                 assert norms is not None
-                norms[k] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+                # float64: a vanished gradient (entries < 1e-19) must not square to 0.
+                norms[k] = torch.linalg.vector_norm(grad, dtype=torch.float64)
 
             return on_grad
 
@@ -182,7 +187,7 @@ class TimeProbe:
                 slots.clear()
                 slots.update({s: k for k, s in enumerate(steps)})
                 self.steps[i] = steps
-                self.norms[i] = torch.zeros(len(steps), device=h.device)
+                self.norms[i] = torch.zeros(len(steps), device=h.device, dtype=torch.float64)
             k = slots.get(t)
             if k is not None and h.requires_grad:
                 h.register_hook(record(k))

@@ -499,7 +499,8 @@ def _log_step(
 ) -> dict[str, float]:
     """Bring one logging step's statistics to the host in one transfer and log them."""
     keys = list(stats)
-    flat = torch.cat([stats[k].detach().float().flatten() for k in keys]).tolist()
+    # float64: tiny squared norms (a vanished gradient) are not representable in float32.
+    flat = torch.cat([stats[k].detach().double().flatten() for k in keys]).tolist()
     host: dict[str, list[float]] = {}
     offset = 0
     for k in keys:

@@ -221,21 +221,23 @@ class RecurrentNet(nn.Module):
                 h = m.hidden_size  # gate order i, f, g, o; the forget bias is b_ih + b_hh
                 layer.cell.bias_ih_l0[h : 2 * h] = m.forget_bias
                 layer.cell.bias_hh_l0[h : 2 * h] = 0.0
+        recurrent = {
+            "same": f"init={init.name}",
+            "identity": f"identity x {m.recurrent_scale}",
+            "orthogonal": f"orthogonal, gain {m.recurrent_scale}",
+            "normal": f"N(0, {m.recurrent_std}^2)",
+        }[m.recurrent_init]
         if isinstance(m, IRNNConfig):
             nn.init.normal_(self.head.weight, 0.0, m.input_std)
             if self.head.bias is not None:
                 nn.init.zeros_(self.head.bias)
+            used = "for W_hh only" if m.recurrent_init == "same" else "not used"
             notes.append(
-                f"model=irnn: recurrent matrices identity x {m.recurrent_scale}, input and"
-                f" output weights N(0, {m.input_std}^2), biases 0 (init={init.name} not used)"
+                f"model=irnn: recurrent matrices {recurrent}, input and output weights"
+                f" N(0, {m.input_std}^2), biases 0 (init={init.name} {used})"
             )
         elif m.recurrent_init != "same":
-            detail = {
-                "identity": f"identity x {m.recurrent_scale}",
-                "orthogonal": f"orthogonal, gain {m.recurrent_scale}",
-                "normal": f"N(0, {m.recurrent_std}^2)",
-            }[m.recurrent_init]
-            notes.append(f"model.recurrent_init={m.recurrent_init}: W_hh {detail} per gate")
+            notes.append(f"model.recurrent_init={m.recurrent_init}: W_hh {recurrent} per gate")
         if isinstance(m, LSTMConfig) and m.bias:
             notes.append(f"model.forget_bias={m.forget_bias}: LSTM forget-gate bias")
         if m.fused:
