@@ -120,3 +120,33 @@ def test_tutorial_table_figures(tmp_path: Path, command: str, ratio: float, acc:
     measured = layers[0]["signal_bwd"]["first"] / layers[-1]["signal_bwd"]["first"]
     assert ratio / 2 <= measured <= ratio * 2, (command, measured)
     assert summary["metrics"]["acc/test"] == pytest.approx(acc, abs=0.06), command
+
+
+def time_rows() -> list[tuple[str, float, float]]:
+    """(command, ||dL/dh_0|| / ||dL/dh_T|| at step 0, test loss) from the through-time table."""
+    rows = re.findall(
+        r"^\| [^|`]+ \| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+) \|$", README, re.MULTILINE
+    )
+    return [(cmd, float(ratio), float(loss)) for cmd, ratio, loss in rows]
+
+
+def test_readme_has_the_gradient_through_time_table():
+    assert len(time_rows()) >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "ratio", "loss"), time_rows())
+def test_gradient_through_time_table_figures(tmp_path: Path, command: str, ratio: float, loss):
+    """Each row's step-0 gradient ratio between the first and last time step (within a
+    factor 3, an order of magnitude for the extreme ones) and the final test loss."""
+    run_dir = tmp_path / "run"
+    proc = run_cli([*command.split()[1:], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    summary = load_summary(run_dir)
+    assert summary["status"] == "completed", command
+    norms = summary["time"][-1]["grad_norm"]["first"]
+    assert summary["time"][-1]["steps"] == list(range(30))  # T=30 < time_samples: every step
+    measured = norms[0] / norms[-1]
+    tolerance = 3.0 if 1e-3 <= ratio <= 1e3 else 10.0
+    assert ratio / tolerance <= measured <= ratio * tolerance, (command, measured)
+    assert summary["metrics"]["loss/test"] == pytest.approx(loss, abs=0.03), command
