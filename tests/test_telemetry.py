@@ -358,3 +358,18 @@ def test_xavier_vs_kaiming_grad_ratios_alike_backward_signal_not():
     # He keeps the gradient level; its signal drops only through the narrow head
     assert abs(g_k) < 0.5
     assert s_k == pytest.approx(0.5 * math.log2(2 * classes / width), abs=0.4)
+
+
+def test_layer_norms_of_a_vanished_gradient_are_tiny_not_zero():
+    # float32 squares of entries below ~1e-19 underflow to 0: a vanished gradient must
+    # still read as its (tiny) norm, as computed exactly in float64.
+    layer = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(layer)
+    model.depth_layers = lambda: [("0", layer)]
+    layers = LayerMap.of(model)
+    tensors = [torch.full((3, 4), 1e-25), torch.full((3,), 3e-30)]
+    sq = layers.layer_sq_norms(tensors)
+    expected = sum(t.double().square().sum() for t in tensors)
+    assert sq.dtype == torch.float64
+    assert sq[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert sq[0].item() > 0
