@@ -59,16 +59,6 @@ WORKLOADS = {
         "data.n_train=2048",
         "trainer.batch_size=64",
     ],
-    "lstm_fused": [
-        "model=lstm",
-        "model.fused=true",
-        "model.hidden_size=128",
-        "init=xavier_uniform",
-        "data=adding",
-        "data.length=100",
-        "data.n_train=2048",
-        "trainer.batch_size=64",
-    ],
     "resnet": [
         "model=resnet",
         "norm=batch",
@@ -77,6 +67,9 @@ WORKLOADS = {
         "trainer.batch_size=64",
     ],
 }
+
+
+WORKLOADS["lstm_fused"] = [*WORKLOADS["lstm"], "model.fused=true"]
 
 
 def make_config(workload: str, steps: int, log_every: int, device: str):
