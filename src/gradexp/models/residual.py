@@ -110,17 +110,31 @@ class BasicBlock(nn.Module):
             _zero_(self.conv2.weight, self.conv2.bias)
 
 
-class ResNet(nn.Module):
-    """A stem conv block, basic blocks in stages, a global average pool and a ``head``."""
+class ConvResidualNet(nn.Module):
+    """A stem, residual blocks in stages, a global average pool and a ``head``."""
 
     def __init__(
-        self, stem: nn.Module, blocks: list[BasicBlock], out_features: int, zero_init_last: bool
+        self, stem: nn.Module, blocks: list[nn.Module], out_features: int, zero_init_last: bool
     ) -> None:
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(blocks[-1].conv2.out_channels, out_features)
         self.zero_init_last = zero_init_last
+
+    def depth_layers(self) -> list[tuple[str, nn.Module]]:
+        layers = [("stem", self.stem)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+        return layers + [("head", self.head)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class ResNet(ConvResidualNet):
+    """A stem conv block, basic blocks in stages, a global average pool and a ``head``."""
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> ResNet:
@@ -136,16 +150,6 @@ class ResNet(nn.Module):
         for block in self.blocks:
             block.zero_last()
         return [f"zero_init_last: {len(self.blocks)} blocks start as their shortcut"]
-
-    def depth_layers(self) -> list[tuple[str, nn.Module]]:
-        layers = [("stem", self.stem)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
-        return layers + [("head", self.head)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(dim=(2, 3)))
 
 
 # --- resmlp ----------------------------------------------------------------------------------
@@ -279,20 +283,11 @@ class NFBlock(nn.Module):
         return f"alpha={self.alpha}, beta={self.beta:.4f}, gamma={self.gamma:.4f}"
 
 
-class NFNet(nn.Module):
+class NFNet(ConvResidualNet):
     """An NF-ResNet: a WSConv stem, NF blocks in stages, a global average pool, a ``head``.
 
     No normalization layers; train it with clip=agc.
     """
-
-    def __init__(
-        self, stem: WSConv2d, blocks: list[NFBlock], out_features: int, zero_init_last: bool
-    ) -> None:
-        super().__init__()
-        self.stem = stem
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(blocks[-1].conv2.out_channels, out_features)
-        self.zero_init_last = zero_init_last
 
     @classmethod
     def from_config(cls, cfg: Config, spec: DataSpec) -> NFNet:
@@ -318,16 +313,6 @@ class NFNet(nn.Module):
         for block in self.blocks:
             _zero_(block.conv2.gain)
         return [f"zero_init_last: the branches of {len(self.blocks)} blocks start at zero"]
-
-    def depth_layers(self) -> list[tuple[str, nn.Module]]:
-        layers = [("stem", self.stem)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
-        return layers + [("head", self.head)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(dim=(2, 3)))
 
 
 MODELS.register("resnet", ResNet.from_config)
