@@ -6,6 +6,7 @@ file through TensorBoard's own EventAccumulator.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -156,6 +157,19 @@ def train(root: Path, *args: str, run_dir: Path | None = None, **kwargs: Any) ->
     run_dir = run_dir or root / "run"
     proc = run_cli(["train", *args, f"hydra.run.dir={run_dir}"], cwd=root, **kwargs)
     return Run(proc, run_dir)
+
+
+@functools.cache
+def composed(*overrides: str) -> Any:
+    """The typed, validated Config for these overrides, as the CLI composes it (cached)."""
+    from hydra import compose, initialize_config_dir
+
+    from gradexp.cli import CONFIG_DIR
+    from gradexp.config import to_config
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return to_config(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -325,6 +325,20 @@ class TrainerConfig:
     time_samples: int = 32  # recurrent models: time steps whose gradient is logged (0: all)
     threads: int = 1  # torch threads for this run; 0 keeps torch's default (all cores)
     progress: str = "auto"  # auto | rich | plain | off
+    figure_every: int = 500  # gradient-flow figure to TensorBoard (0: only the PNG at the end)
+
+
+@dataclass
+class DiagnoseConfig:
+    """The thresholds of the run's verdicts (see gradexp.verdicts), and optional probes."""
+
+    vanishing_ratio: float = 1e-2  # first layer's (time step's) backward signal / last's below
+    exploding_ratio: float = 1e2  # ... above this
+    grad_bound: float = 1e4  # total gradient norm (before clipping) above this: exploding
+    saturated_frac: float = 0.5  # a layer's saturated share of units at or above this
+    dead_frac: float = 0.25  # a layer's share of units dead for good at or above this
+    sustain: int = 3  # consecutive log steps a ratio must hold (all of them in shorter runs)
+    jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
 
 @dataclass
@@ -337,6 +351,7 @@ class Config:
     optim: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     seed: int = 0
 
 
@@ -443,6 +458,21 @@ def validate(cfg: Config) -> None:
     _positive(t.log_every, "trainer.log_every")
     _positive(t.hist_every, "trainer.hist_every")
     _positive(t.eval_every, "trainer.eval_every")
+    if t.figure_every < 0:
+        raise ConfigError(f"trainer.figure_every={t.figure_every}: must be >= 0 (0: end only)")
+    d = cfg.diagnose
+    for key in ("vanishing_ratio", "exploding_ratio", "grad_bound", "sustain"):
+        _positive(getattr(d, key), f"diagnose.{key}")
+    for key in ("saturated_frac", "dead_frac"):
+        if not 0 < getattr(d, key) <= 1:
+            raise ConfigError(f"diagnose.{key}={getattr(d, key)}: must be in (0, 1]")
+    if d.jacobian and cfg.model.name != "mlp":
+        raise ConfigError(f"diagnose.jacobian=true: model={cfg.model.name}; choose model=mlp")
+    if d.vanishing_ratio >= 1 or d.exploding_ratio <= 1:
+        raise ConfigError(
+            f"diagnose.vanishing_ratio={d.vanishing_ratio}, exploding_ratio="
+            f"{d.exploding_ratio}: need vanishing_ratio < 1 < exploding_ratio"
+        )
     _positive(cfg.optim.lr, "optim.lr")
     for key in ("weight_decay", "l1"):
         if getattr(cfg.optim, key) < 0:

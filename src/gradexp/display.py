@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gradexp.verdicts import describe
+
 
 def _fmt(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -84,7 +86,8 @@ def layer_table(summary: dict[str, Any]) -> Table:
     table = Table(
         title="per-layer gradients: first logged step (0) and last",
         caption="|grad|: parameter-gradient norm; bwd: per-example RMS of dL/dh;"
-        " fwd: RMS of h; upd/w: ||dW||/||W||",
+        " fwd: RMS of h; upd/w: ||dW||/||W||; sat: saturated share of units; dead: dead"
+        " share of units (last step)",
     )
     table.add_column("#", justify="right")
     table.add_column("layer", justify="left", no_wrap=True)
@@ -92,6 +95,14 @@ def layer_table(summary: dict[str, Any]) -> Table:
         table.add_column(f"{label} 0", justify="right")
         table.add_column(f"{label} last", justify="right")
     table.add_column("upd/w", justify="right")
+    # Activation health, last logged step: only the columns some layer has.
+    health = [
+        (key, label)
+        for key, label in (("sat_frac", "sat"), ("dead_frac", "dead"))
+        if any(layer.get(key, {}).get("last") is not None for layer in layers)
+    ]
+    for _, label in health:
+        table.add_column(label, justify="right")
     for layer in layers:
         table.add_row(
             str(layer["index"]),
@@ -102,6 +113,7 @@ def layer_table(summary: dict[str, Any]) -> Table:
                 for w in ("first", "last")
             ),
             _fmt(layer["update_ratio"]["last"]),
+            *(_fmt(layer[key]["last"]) for key, _ in health),
         )
     if layers:
         first, last = layers[0], layers[-1]
@@ -111,7 +123,34 @@ def layer_table(summary: dict[str, Any]) -> Table:
             for w in ("first", "last")
         ]
         table.add_section()
-        table.add_row("", "first/last", *cells, "", style="bold")
+        table.add_row("", "first/last", *cells, "", *("" for _ in health), style="bold")
+    return table
+
+
+VERDICT_STYLE = {
+    "healthy": "bold green",
+    "vanishing": "bold yellow",
+    "exploding": "bold red",
+    "diverged": "bold red",
+    "dead_units": "bold magenta",
+    "saturated": "bold yellow",
+}
+
+
+def verdict_table(summary: dict[str, Any]) -> Table:
+    """What happened to the gradients, in words, with the evidence (see gradexp.verdicts)."""
+    table = Table(title="verdicts")
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("layer", no_wrap=True)
+    table.add_column("step", justify="right")
+    table.add_column("evidence")
+    for v in summary.get("verdicts", []):
+        table.add_row(
+            f"[{VERDICT_STYLE.get(v['kind'], 'bold')}]{v['kind']}",
+            v["layer"] or "-",
+            "-" if v["step"] is None else str(v["step"]),
+            describe(v),
+        )
     return table
 
 
@@ -125,10 +164,13 @@ def status_line(summary: dict[str, Any]) -> str:
     if summary.get("nonfinite"):
         nf = summary["nonfinite"]
         line += f"  first non-finite: step {nf['step']}, layer {nf['layer']}"
+    if summary.get("verdicts"):
+        line += "  verdicts: " + ", ".join(dict.fromkeys(v["kind"] for v in summary["verdicts"]))
     return line
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
-    """The per-layer table and the status line."""
+    """The per-layer table, the verdicts and the status line."""
     console.print(layer_table(summary))
+    console.print(verdict_table(summary))
     console.print(status_line(summary), highlight=False, soft_wrap=True)

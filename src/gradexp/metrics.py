@@ -15,6 +15,7 @@ class MetricLogger(Protocol):
     def scalars(self, values: dict[str, float], step: int) -> None: ...
     def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
+    def image(self, tag: str, image: Any, step: int) -> None: ...
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -30,6 +31,9 @@ class NullLogger:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def image(self, tag: str, image: Any, step: int) -> None:
         pass
 
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
@@ -65,6 +69,10 @@ class TensorBoardLogger:
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """``image``: (3, H, W) uint8 (see figures.to_image)."""
+        self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
         # Into this run's own event file (add_hparams would open a timestamped sub-run);

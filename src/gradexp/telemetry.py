@@ -144,6 +144,154 @@ class SignalProbe:
         return fwd, bwd * scale * torch.tensor(self.batch, device=device, dtype=torch.float64)
 
 
+# --- activation health ----------------------------------------------------------------
+# A unit is saturated where the activation's derivative is below this share of its peak:
+# sigmoid outputs below 0.0127 or above 0.9873 (|z| > 4.36), tanh |output| > 0.9747
+# (|z| > 2.18). Both read from the output a: sigmoid' = a(1 - a), peak 1/4; tanh' = 1 - a^2.
+SATURATION = 0.05
+_SATURATED: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.Sigmoid: lambda a: 4 * a * (1 - a) < SATURATION,
+    nn.Tanh: lambda a: 1 - a * a < SATURATION,
+}
+# Activations whose unit can die (output 0, and for ReLU gradient 0, for every input).
+_CAN_DIE = (nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU)
+
+
+def activation_modules(layers: list[nn.Module]) -> list[tuple[int, nn.Module]]:
+    """(depth layer index, module) of every activation inside each depth layer."""
+    kinds = (*_SATURATED, *_CAN_DIE)
+    return [
+        (i, m) for i, layer in enumerate(layers) for m in layer.modules() if isinstance(m, kinds)
+    ]
+
+
+class ActivationProbe:
+    """Activation health per depth layer, while entered: mean, std, saturated share
+    (sigmoid, tanh) and dead units (the ReLU family and the other unbounded ones).
+
+    A unit is a feature of a (B, F) output or a channel of a (B, C, ...) map. It is dead
+    in this batch when it outputs exactly 0 for every example (and every position and,
+    in a recurrent layer, every time step). Forward hooks on the activation modules add
+    up sums on the device; every hook is removed on exit. An activation that is not
+    called (a fused recurrent layer) leaves its layer's statistics NaN.
+    """
+
+    def __init__(self, acts: list[tuple[int, nn.Module]], n_layers: int) -> None:
+        self.acts = acts
+        self.n_layers = n_layers
+        self.handles: list[RemovableHandle] = []
+        # Per layer, on the device: [sum, sum of squares, saturated count]; on the host the
+        # entries seen, and those of saturating activations (no host-device copy per call).
+        self.sums: list[torch.Tensor | None] = [None] * n_layers
+        self.count = [0.0] * n_layers
+        self.sat_count = [0.0] * n_layers
+        # Per activation module: which units produced a nonzero output.
+        self.alive: list[torch.Tensor | None] = [None] * len(acts)
+
+    def __enter__(self) -> ActivationProbe:
+        for k, (i, module) in enumerate(self.acts):
+            self.handles.append(module.register_forward_hook(self._hook(k, i, module)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, k: int, i: int, module: nn.Module):
+        saturated = _SATURATED.get(type(module))
+        can_die = isinstance(module, _CAN_DIE)
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            a = output.detach()
+            af = a.double()
+            sat = saturated(a).sum().double() if saturated is not None else af.new_zeros(())
+            row = torch.stack([af.sum(), af.square().sum(), sat])
+            self.sums[i] = row if self.sums[i] is None else self.sums[i] + row
+            self.count[i] += a.numel()
+            if saturated is not None:
+                self.sat_count[i] += a.numel()
+            if can_die:
+                unit = min(1, a.dim() - 1)  # features of (B, F), channels of (B, C, ...)
+                dims = [d for d in range(a.dim()) if d != unit]
+                alive = (a != 0).any(dim=dims) if dims else a != 0
+                prev = self.alive[k]
+                self.alive[k] = alive if prev is None else prev | alive
+
+        return hook
+
+    def result(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per layer (NaN where not measured): act_mean, act_std, sat_frac, dead_frac."""
+        nan = torch.full((3,), math.nan, device=device, dtype=torch.float64)
+        total, sq, sat = torch.stack([nan if v is None else v for v in self.sums]).unbind(1)
+        counts = torch.tensor([self.count, self.sat_count], device=device, dtype=torch.float64)
+        count, sat_count = counts.unbind(0)
+        mean = total / count
+        var = (sq / count - mean.square()).clamp_min(0)
+        dead = torch.zeros(self.n_layers, device=device, dtype=torch.float64)
+        units = torch.zeros_like(dead)
+        for (i, _), alive in zip(self.acts, self.alive):
+            if alive is not None:
+                dead[i] += (~alive).sum()
+                units[i] += alive.numel()
+        return {
+            "act_mean": mean,
+            "act_std": var.sqrt(),
+            "sat_frac": sat / sat_count,  # 0/0 = NaN: no saturating activation in the layer
+            "dead_frac": dead / units,
+        }
+
+    def dead_masks(self) -> list[torch.Tensor | None]:
+        """Per activation module, the units dead in this batch (None: not measured)."""
+        return [None if alive is None else ~alive for alive in self.alive]
+
+
+class DeadUnits:
+    """Which units died at a logging step and never came back at a later one.
+
+    Device masks per activation module, updated on logging steps: a unit that died and
+    is dead at every later logging step "never recovered"; one seen alive again after
+    dying "recovered".
+    """
+
+    def __init__(self, acts: list[tuple[int, nn.Module]], n_layers: int) -> None:
+        self.layer_of = [i for i, _ in acts]
+        self.n_layers = n_layers
+        self.died: list[torch.Tensor | None] = [None] * len(acts)
+        self.recovered: list[torch.Tensor | None] = [None] * len(acts)
+
+    def update(self, dead: list[torch.Tensor | None]) -> None:
+        for k, now in enumerate(dead):
+            if now is None:
+                continue
+            died = self.died[k]
+            if died is None:
+                self.died[k], self.recovered[k] = now.clone(), torch.zeros_like(now)
+            else:
+                self.recovered[k] |= died & ~now
+                died |= now
+
+    def result(self) -> list[dict[str, float] | None]:
+        """Per layer: shares of its units that ever died, recovered, never recovered."""
+        counts = [[0, 0, 0, 0] for _ in range(self.n_layers)]  # units, ever, back, never
+        seen = [False] * self.n_layers
+        for i, died, back in zip(self.layer_of, self.died, self.recovered):
+            if died is None:
+                continue
+            seen[i] = True
+            c = counts[i]
+            c[0] += died.numel()
+            c[1] += int(died.sum())
+            c[2] += int((died & back).sum())
+            c[3] += int((died & ~back).sum())
+        return [
+            {"ever": ever / n, "recovered": back / n, "never_recovered": never / n}
+            if ok and n
+            else None
+            for ok, (n, ever, back, never) in zip(seen, counts)
+        ]
+
+
 def sample_steps(steps: int, samples: int) -> list[int]:
     """``samples`` time steps spread evenly over 0..steps-1, first and last included
     (all of them for samples=0 or samples >= steps)."""

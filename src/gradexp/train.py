@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from gradexp import figures
 from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite
 from gradexp.data import Dataset, load_data
@@ -32,19 +33,28 @@ from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
 from gradexp.telemetry import (
+    ActivationProbe,
+    DeadUnits,
     LayerMap,
     SignalProbe,
     TimeProbe,
+    activation_modules,
     histogram_from_stats,
     histogram_stats,
 )
+from gradexp.theory import TheoryUnavailable, jacobian_spectrum, mean_field
+from gradexp.verdicts import KINDS, Record, describe, judge
 
 log = logging.getLogger(__name__)
 # The run's own log file (train.log) only: the terminal already shows the table and status.
 file_log = logging.getLogger("gradexp.runlog")
 
 SUMMARY_FILE = "summary.json"
+FIGURE_FILE = "gradient_flow.png"
 PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
+ACTIVATION_HEALTH = ("act_mean", "act_std", "sat_frac", "dead_frac")
+# Per-layer quantities not every layer has: NaN values are not logged.
+SPARSE = ("clip_frac", *ACTIVATION_HEALTH)
 # Scalars whose final values go into summary.json and the HParams tab.
 FINAL_METRICS = (
     "loss/train",
@@ -112,6 +122,12 @@ def custom_scalars_layout(time_tags: list[str] | None = None) -> dict[str, Any]:
             "update/weight ratio per layer": chart("update_ratio"),
             "weight norm per layer": chart("weight_norm"),
         },
+        "activation health": {
+            "saturated share of units per layer (sigmoid, tanh)": chart("sat_frac"),
+            "dead units per layer": chart("dead_frac"),
+            "activation mean per layer": chart("act_mean"),
+            "activation std per layer": chart("act_std"),
+        },
         "clipping": {
             "total gradient norm": ["Multiline", [r"^grad/norm_"]],
             "AGC clipped units per layer": chart("clip_frac"),
@@ -172,6 +188,8 @@ class History:
         self.last: dict[str, list[float]] = {}
         # Recurrent layers: the time steps whose gradient is logged (values as "time:<tag>").
         self.time_steps: dict[str, list[int]] = {}
+        # Every logging step, for the verdicts and the gradient-flow figure.
+        self.records: list[Record] = []
 
     def time(self) -> list[dict[str, Any]]:
         """The gradient that reached each logged time step, per recurrent layer."""
@@ -200,10 +218,13 @@ class History:
         out = []
         for i, tag in enumerate(self.tags):
             entry: dict[str, Any] = {"index": i, "name": tag.split("_", 1)[1]}
-            for key in (*PER_LAYER, "weight_norm", "update_ratio"):
+            for key in (*PER_LAYER, "weight_norm", "update_ratio", *ACTIVATION_HEALTH):
                 entry[key] = {"first": pick(self.first, key, i), "last": pick(self.last, key, i)}
             out.append(entry)
         return out
+
+    def names(self) -> list[str]:
+        return [tag.split("_", 1)[1] for tag in self.tags]
 
 
 def _ratio(values: list[float]) -> float:
@@ -243,6 +264,8 @@ def run(
     layers = LayerMap.of(model)
     # Recurrent layers unrolled in Python report the gradient reaching each time step.
     traced = [(tag, m) for tag, m in zip(layers.tags, layers.modules) if getattr(m, "traceable", 0)]
+    acts = activation_modules(layers.modules)
+    dead_units = DeadUnits(acts, len(layers))
     optimizer = create_optimizer(cfg.optim, layers.params)
     scheduler = create_scheduler(cfg.optim, optimizer, t.steps)
     clipper = Clipper(cfg.clip, layers.params, layers.param_names, layers.layer_of, len(layers))
@@ -260,6 +283,44 @@ def run(
         logger = TensorBoardLogger(output_dir, custom_scalars_layout([tag for tag, _ in traced]))
     for note in notes:
         logger.text("run/notes", note, 0)
+    theory = initial_theory(cfg, model, data, logger)
+    jacobian = initial_jacobian(cfg, model, data, logger)
+    figure_missing = figures.missing_dependency()
+    if figure_missing:
+        console.print(f"note: {figure_missing}; the run goes on without it", highlight=False)
+        logger.text("run/notes", figure_missing, 0)
+
+    def draw(step: int | None = None, final: bool = False) -> Any:
+        """The gradient-flow figure of the logging steps so far (None: nothing to draw)."""
+        if figure_missing or not history.records:
+            return None
+        step = history.records[-1].step if step is None else step
+        title = (
+            f"{cfg.model.name}, {cfg.activation.name}, init={cfg.init.name},"
+            f" norm={cfg.norm.name}, clip={cfg.clip.name}: step {step}"
+        )
+        if final:
+            title += "; " + ", ".join(v["kind"] for v in verdicts())
+        snapshots = [
+            figures.FlowSnapshot(r.step, r.grad_norm, r.signal_bwd, r.signal_fwd, r.time)
+            for r in history.records
+        ]
+        return figures.flow_figure(history.names(), snapshots, theory, title)
+
+    def verdicts() -> list[dict[str, Any]]:
+        first = nonfinite
+        if first is None and int(first_bad_step) >= 0:  # skipped steps: checked every step
+            first = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
+        return judge(
+            history.names(),
+            history.records,
+            cfg.diagnose,
+            nonfinite=first,
+            skipped=skipped,
+            dead=dead_units.result(),
+            tbptt=t.tbptt,
+        )
+
     file_log.info("start: %s on %s, writing to %s", hparams_of(cfg), device, output_dir)
     history = History(layers.tags)
     # The final metrics this run can have, for the HParams tab (no accuracy for a
@@ -294,13 +355,19 @@ def run(
         first = nonfinite
         if first is None and int(first_bad_step) >= 0:  # skipped steps: checked every step
             first = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
+        per_layer = history.layers()
+        for entry, dead in zip(per_layer, dead_units.result()):
+            entry["dead_units"] = dead
         return {
             "status": status,
             "error": error,
             "steps": steps_done,
+            "verdicts": verdicts(),
             "metrics": {k: last[k] for k in FINAL_METRICS if k in last},
-            "layers": history.layers(),
+            "layers": per_layer,
             "time": history.time(),
+            "theory": theory,
+            "jacobian": jacobian,
             "nonfinite": first,
             "skipped_steps": skipped,
             "wall_time_s": round(wall, 3),
@@ -314,8 +381,9 @@ def run(
             final = step == t.steps - 1
             hist_now = step % t.hist_every == 0
             eval_now = step % t.eval_every == 0 or final
-            # Histograms and evaluations ride on log steps: they need the same statistics.
-            log_now = step % t.log_every == 0 or hist_now or eval_now or final
+            figure_now = bool(t.figure_every) and step % t.figure_every == 0 and not final
+            # Histograms, evaluations and figures ride on log steps: they need the statistics.
+            log_now = step % t.log_every == 0 or hist_now or eval_now or figure_now or final
             x, y = data.batch(t.batch_size, batches)
             probe = SignalProbe(layers.modules) if log_now else contextlib.nullcontext()
             time_probe = (
@@ -323,7 +391,8 @@ def run(
                 if log_now and traced
                 else contextlib.nullcontext()
             )
-            with probe, time_probe:
+            act_probe = ActivationProbe(acts, len(layers)) if log_now else contextlib.nullcontext()
+            with probe, time_probe, act_probe:
                 with amp():
                     out = model(x)
                     loss = data.loss(out.float(), y)
@@ -351,6 +420,8 @@ def run(
                 fwd, bwd = probe.result(device)
                 if scaler.is_enabled():
                     bwd = bwd / scaler.get_scale()  # tensor hooks saw the scaled loss
+                stats.update(act_probe.result(device))
+                dead_units.update(act_probe.dead_masks())
                 stats.update(
                     loss=loss.detach(),
                     baseline=torch.tensor(data.baseline, device=device),
@@ -444,6 +515,8 @@ def run(
                     {"perf/steps_per_s": rate},
                 )
                 progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
+                if figure_now and (fig := draw(step)) is not None:
+                    logger.image("flow/gradient_flow", figures.to_image(fig), step)
     except KeyboardInterrupt:
         status = "interrupted"
     except Exception as e:
@@ -452,7 +525,7 @@ def run(
     finally:
         progress.close()
         result = summary()
-        _finish(logger, cfg, result, output_dir, metric_tags)
+        _finish(logger, cfg, result, output_dir, metric_tags, lambda: draw(final=True))
     if status == "diverged" and t.on_nonfinite.name == "raise":
         nf = result["nonfinite"]
         raise NonFiniteError(
@@ -519,6 +592,8 @@ def _log_step(
         per_layer["update_ratio"] = [
             math.sqrt(u) / w if w else math.nan for u, w in zip(host["update_sq"], weight)
         ]
+    for key in ACTIVATION_HEALTH:
+        per_layer[key] = host[key]
     if "grad_norm_clipped" in host:
         per_layer["grad_norm_clipped"] = host["grad_norm_clipped"]
     if "clip:layer_frac" in host:
@@ -550,9 +625,11 @@ def _log_step(
             values["acc/test"] = acc
     for key, per in per_layer.items():
         for tag, v in zip(layers.tags, per):
-            if not (key == "clip_frac" and math.isnan(v)):  # NaN: a layer AGC leaves out
+            # NaN: a layer AGC leaves out, or one without such activations.
+            if not (key in SPARSE and math.isnan(v)):
                 values[f"{key}/{tag}"] = v
         history.add(key, per)
+    time_norms: dict[str, tuple[list[int], list[float]]] = {}
     for tag, steps in history.time_steps.items():
         norms = host.get(f"time:{tag}")
         if not norms:
@@ -561,6 +638,7 @@ def _log_step(
         for t, v in zip(steps, norms):
             values[f"time_grad/{tag}/t{t:0{pad}d}"] = v
         history.add(f"time:{tag}", norms)
+        time_norms[tag.split("_", 1)[1]] = (steps, norms)
         # First over last time step; the last recurrent layer (nearest the loss) is reported.
         values["flow/time_grad_ratio"] = _ratio(norms)
     for tag in layers.tags:
@@ -573,6 +651,18 @@ def _log_step(
     if "param_norm" in host:
         for name, v in zip(layers.param_names, host["param_norm"]):
             values[f"grad_norm_param/{name}"] = v
+    history.records.append(
+        Record(
+            step,
+            host["grad_norm"],
+            host["signal_bwd"],
+            host["signal_fwd"],
+            host["sat_frac"],
+            host["dead_frac"],
+            host["total_pre"][0],
+            time_norms,
+        )
+    )
     logger.scalars(values, step)
     last.update(values)
     return values
@@ -589,18 +679,73 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def verdict_hparams(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verdicts as HParams columns: the kinds joined, and one flag per kind."""
+    kinds = list(dict.fromkeys(v["kind"] for v in verdicts))
+    return {"verdicts": ",".join(kinds), **{f"verdict/{k}": k in kinds for k in KINDS}}
+
+
+def verdict_markdown(verdicts: list[dict[str, Any]]) -> str:
+    rows = [
+        f"| {v['kind']} | {v['layer'] or '-'} | {'-' if v['step'] is None else v['step']}"
+        f" | {describe(v)} |"
+        for v in verdicts
+    ]
+    return "\n".join(["| verdict | layer | step | evidence |", "|---|---|---|---|", *rows])
+
+
 def _finish(
     logger: MetricLogger,
     cfg: Config,
     result: dict[str, Any],
     output_dir: Path,
     metric_tags: list[str],
+    draw: Any,
 ) -> None:
-    """Write hparams and summary.json, flush TensorBoard: on every way out of a run."""
+    """Write hparams, verdicts, the figure and summary.json, flush TensorBoard: on every
+    way out of a run."""
     text = json.dumps(_json_safe(result), indent=2, allow_nan=False)
     try:
-        logger.hparams({**hparams_of(cfg), "status": result["status"]}, metric_tags)
+        hparams = {**hparams_of(cfg), "status": result["status"]}
+        logger.hparams({**hparams, **verdict_hparams(result["verdicts"])}, metric_tags)
+        logger.text("run/verdicts", verdict_markdown(result["verdicts"]), result["steps"])
         logger.text("run/summary", f"```\n{text}\n```", result["steps"])
+        try:
+            fig = draw()
+            if fig is not None:
+                figures.save_png(fig, output_dir / FIGURE_FILE)
+                logger.image("flow/gradient_flow", figures.to_image(fig), result["steps"])
+        except Exception as e:  # the figure is a view of the run, never worth losing it for
+            log.warning("the gradient-flow figure failed: %s: %s", type(e).__name__, e)
         logger.close()
     finally:
         (output_dir / SUMMARY_FILE).write_text(text + "\n")
+
+
+def initial_theory(
+    cfg: Config, model: torch.nn.Module, data: Dataset, logger: MetricLogger
+) -> dict[str, Any] | None:
+    """The mean-field prediction for this net at init (MLPs without norm), logged as text."""
+    try:
+        theory = mean_field(
+            cfg,
+            float(data.x_train.double().square().mean()),
+            math.prod(data.spec.input_shape),
+            data.spec.out_features,
+        )
+    except TheoryUnavailable as e:
+        logger.text("theory/mean_field", f"not available: {e}", 0)
+        return None
+    logger.scalars({f"theory/{k}": theory[k] for k in ("signal_fwd_ratio", "signal_bwd_ratio")}, 0)
+    return theory
+
+
+def initial_jacobian(
+    cfg: Config, model: torch.nn.Module, data: Dataset, logger: MetricLogger
+) -> dict[str, Any] | None:
+    """diagnose.jacobian: singular values of the input-output Jacobian at init."""
+    if not cfg.diagnose.jacobian:
+        return None
+    spectrum = jacobian_spectrum(model, data.x_train[:64])
+    logger.scalars({f"jacobian/sv_{k}": spectrum[k] for k in ("mean", "std", "min", "max")}, 0)
+    return spectrum

@@ -1,0 +1,345 @@
+"""Name what a run's gradients did: verdicts with their evidence, from the logged statistics.
+
+Each verdict is ``{"kind", "layer", "step", "evidence"}``, ``kind`` one of KINDS. A
+sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
+(config.DiagnoseConfig); the rules:
+
+- diverged: the loss or a gradient went non-finite (the step, and the layer nearest the
+  output whose gradient did); with on_nonfinite=skip, the first skipped step.
+- vanishing / exploding, along depth: the backward signal of the first layer over the
+  last's (the head's) below ``vanishing_ratio`` / above ``exploding_ratio`` at ``sustain``
+  consecutive logging steps. ``layer`` is the layer nearest the output past the
+  threshold, so the signal is that far gone from there down to the first layer.
+- vanishing / exploding, along time (recurrent layers): ||dL/dh_t|| at the first time
+  step over the last, same thresholds; under truncated BPTT only the last chunk counts
+  (before it the gradient is cut off by design, not vanished).
+- exploding, past a bound: the total gradient norm above ``grad_bound`` at any logging
+  step (one spike is enough); ``layer`` is the layer with the largest gradient then.
+- saturated: some layer with at least ``saturated_frac`` of its sigmoid/tanh units in
+  the flat regions, at ``sustain`` consecutive logging steps.
+- dead_units: some layer with at least ``dead_frac`` of its units dead at a logging step
+  and at every one after it (never recovered by the end).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradexp.config import DiagnoseConfig
+
+KINDS = ("healthy", "vanishing", "exploding", "diverged", "dead_units", "saturated")
+
+
+@dataclass
+class Record:
+    """One logging step's per-layer statistics, on the host (NaN where not measured)."""
+
+    step: int
+    grad_norm: list[float]
+    signal_bwd: list[float]
+    signal_fwd: list[float]
+    sat_frac: list[float]
+    dead_frac: list[float]
+    grad_total: float
+    # Recurrent layer name -> (sampled time steps, ||dL/dh_t|| at them).
+    time: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _ratio(first: float, last: float) -> float | None:
+    """first / last, None when either is unusable (non-finite, or last not positive)."""
+    if not (_finite(first) and _finite(last)) or last <= 0:
+        return None
+    return first / last
+
+
+def sustained(
+    values: Sequence[tuple[int, float | None]], hit: Callable[[float], bool], sustain: int
+) -> dict[str, Any] | None:
+    """The first run of ``sustain`` consecutive measured logging steps that all ``hit``.
+
+    Steps whose value is None (not measurable) are left out. A run with fewer measured
+    steps than ``sustain`` needs all of them to hit. Returns the step the run starts at,
+    the value there, the last step that hit, and how many of the measured steps hit.
+    """
+    measured = [(step, v) for step, v in values if v is not None]
+    if not measured:
+        return None
+    need = min(sustain, len(measured))
+    streak = 0
+    start = None
+    for k, (_, v) in enumerate(measured):
+        streak = streak + 1 if hit(v) else 0
+        if streak == need:
+            start = k - need + 1
+            break
+    if start is None:
+        return None
+    hits = [(step, v) for step, v in measured if hit(v)]
+    return {
+        "step": measured[start][0],
+        "value": measured[start][1],
+        "until": hits[-1][0],
+        "held": f"{len(hits)}/{len(measured)}",
+    }
+
+
+def _beyond(low: bool, threshold: float) -> Callable[[float], bool]:
+    """Below the threshold (vanishing) or above it (exploding)."""
+    return (lambda v: v < threshold) if low else (lambda v: v > threshold)
+
+
+def _depth_ratio(layers: list[str], r: Record, cfg: DiagnoseConfig, low: bool) -> str | None:
+    """The layer nearest the output whose backward signal is past the threshold."""
+    head = r.signal_bwd[-1]
+    for name, v in reversed(list(zip(layers[:-1], r.signal_bwd[:-1]))):
+        ratio = _ratio(v, head)
+        threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
+        if ratio is not None and _beyond(low, threshold)(ratio):
+            return name
+    return None
+
+
+def _along_depth(
+    layers: list[str], records: list[Record], cfg: DiagnoseConfig
+) -> list[dict[str, Any]]:
+    out = []
+    values = [(r.step, _ratio(r.signal_bwd[0], r.signal_bwd[-1])) for r in records]
+    by_step = {r.step: r for r in records}
+    for kind, low in (("exploding", False), ("vanishing", True)):
+        threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
+        found = sustained(values, _beyond(low, threshold), cfg.sustain)
+        if found is None:
+            continue
+        step = found["step"]
+        out.append(
+            {
+                "kind": kind,
+                "layer": _depth_ratio(layers, by_step[step], cfg, low),
+                "step": step,
+                "evidence": {
+                    "axis": "depth",
+                    "quantity": f"signal_bwd {layers[0]} / {layers[-1]}",
+                    "ratio": found["value"],
+                    "threshold": threshold,
+                    "until": found["until"],
+                    "held": found["held"],
+                },
+            }
+        )
+    return out
+
+
+def _along_time(records: list[Record], cfg: DiagnoseConfig, tbptt: int) -> list[dict[str, Any]]:
+    out = []
+    names = list(dict.fromkeys(name for r in records for name in r.time))
+    for name in names:
+        values: list[tuple[int, float | None]] = []
+        span = None
+        for r in records:
+            steps, norms = r.time.get(name, ([], []))
+            if not steps:
+                continue
+            # Truncated BPTT: judge the last chunk, the one the gradient reaches.
+            start = (steps[-1] // tbptt) * tbptt if tbptt else 0
+            kept = [(t, v) for t, v in zip(steps, norms) if t >= start]
+            if len(kept) < 2:
+                continue
+            span = (kept[0][0], kept[-1][0])
+            values.append((r.step, _ratio(kept[0][1], kept[-1][1])))
+        if span is None:
+            continue
+        for kind, low in (("exploding", False), ("vanishing", True)):
+            threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
+            found = sustained(values, _beyond(low, threshold), cfg.sustain)
+            if found is None:
+                continue
+            out.append(
+                {
+                    "kind": kind,
+                    "layer": name,
+                    "step": found["step"],
+                    "evidence": {
+                        "axis": "time",
+                        "quantity": f"||dL/dh_t|| t={span[0]} / t={span[1]}",
+                        "ratio": found["value"],
+                        "threshold": threshold,
+                        "until": found["until"],
+                        "held": found["held"],
+                    },
+                }
+            )
+    return out
+
+
+def _past_bound(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -> dict | None:
+    for r in records:
+        if _finite(r.grad_total) and r.grad_total > cfg.grad_bound:
+            finite = [(v, name) for v, name in zip(r.grad_norm, layers) if _finite(v)]
+            return {
+                "kind": "exploding",
+                "layer": max(finite)[1] if finite else None,
+                "step": r.step,
+                "evidence": {
+                    "axis": "norm",
+                    "quantity": "grad/norm_pre_clip",
+                    "value": r.grad_total,
+                    "threshold": cfg.grad_bound,
+                },
+            }
+    return None
+
+
+def _saturated(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -> dict | None:
+    def worst(r: Record) -> tuple[float, str] | None:
+        measured = [(v, name) for v, name in zip(r.sat_frac, layers) if _finite(v)]
+        return max(measured) if measured else None
+
+    values = [(r.step, w[0] if (w := worst(r)) else None) for r in records]
+    found = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
+    if found is None:
+        return None
+    r = next(r for r in records if r.step == found["step"])
+    over = sum(1 for v in r.sat_frac if _finite(v) and v >= cfg.saturated_frac)
+    return {
+        "kind": "saturated",
+        "layer": worst(r)[1],  # type: ignore[index]
+        "step": found["step"],
+        "evidence": {
+            "quantity": "sat_frac",
+            "fraction": found["value"],
+            "threshold": cfg.saturated_frac,
+            "layers_over": over,
+            "until": found["until"],
+            "held": found["held"],
+        },
+    }
+
+
+def _dead(
+    layers: list[str], records: list[Record], cfg: DiagnoseConfig, dead: list[dict | None]
+) -> dict | None:
+    never = [(d["never_recovered"], i) for i, d in enumerate(dead) if d is not None]
+    over = [(v, i) for v, i in never if v >= cfg.dead_frac]
+    if not over:
+        return None
+    fraction, i = max(over)
+    # The first logging step at which that layer's dead share reached the threshold.
+    step = next(
+        (r.step for r in records if _finite(r.dead_frac[i]) and r.dead_frac[i] >= cfg.dead_frac),
+        records[-1].step if records else None,
+    )
+    return {
+        "kind": "dead_units",
+        "layer": layers[i],
+        "step": step,
+        "evidence": {
+            "quantity": "dead units, never recovered",
+            "fraction": fraction,
+            "threshold": cfg.dead_frac,
+            "layers_over": len(over),
+            "ever": dead[i]["ever"],  # type: ignore[index]
+        },
+    }
+
+
+def judge(
+    layers: list[str],
+    records: list[Record],
+    cfg: DiagnoseConfig,
+    *,
+    nonfinite: dict[str, Any] | None = None,
+    skipped: int = 0,
+    dead: list[dict[str, float] | None] | None = None,
+    tbptt: int = 0,
+) -> list[dict[str, Any]]:
+    """The run's verdicts from its logging steps; ``[healthy]`` when nothing is wrong.
+
+    Args:
+        layers: depth layer names, input to output (the last one the head).
+        records: the logging steps in order.
+        cfg: the thresholds.
+        nonfinite: the first non-finite step and layer (summary.json's ``nonfinite``).
+        skipped: steps skipped for non-finite values (on_nonfinite=skip).
+        dead: per layer, the shares of units that ever died / never recovered.
+        tbptt: the truncation length (0: full BPTT).
+    """
+    out: list[dict[str, Any]] = []
+    if nonfinite is not None:
+        out.append(
+            {
+                "kind": "diverged",
+                "layer": nonfinite.get("layer"),
+                "step": nonfinite.get("step"),
+                "evidence": {"quantity": "loss or gradient non-finite", "skipped_steps": skipped},
+            }
+        )
+    depth = _along_depth(layers, records, cfg)
+    exploding = [v for v in depth if v["kind"] == "exploding"]
+    out.extend(exploding)
+    bound = _past_bound(layers, records, cfg)
+    if bound is not None and not exploding:  # a sustained depth ratio says more
+        out.append(bound)
+    out.extend(v for v in depth if v["kind"] == "vanishing")
+    out.extend(_along_time(records, cfg, tbptt))
+    for verdict in (_saturated(layers, records, cfg), _dead(layers, records, cfg, dead or [])):
+        if verdict is not None:
+            out.append(verdict)
+    if not out:
+        last = records[-1] if records else None
+        ratio = _ratio(last.signal_bwd[0], last.signal_bwd[-1]) if last else None
+        out.append(
+            {
+                "kind": "healthy",
+                "layer": None,
+                "step": last.step if last else None,
+                "evidence": {
+                    "quantity": f"signal_bwd {layers[0]} / {layers[-1]}",
+                    "ratio": ratio,
+                    "logged_steps": len(records),
+                },
+            }
+        )
+    return out
+
+
+def describe(verdict: dict[str, Any]) -> str:
+    """The evidence in plain words, one line."""
+    e = verdict["evidence"]
+
+    def g(x: Any) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    kind = verdict["kind"]
+    if kind == "diverged":
+        skipped = f"; {e['skipped_steps']} steps skipped" if e.get("skipped_steps") else ""
+        return f"loss or gradient non-finite{skipped}"
+    if kind == "healthy":
+        ratio = e.get("ratio")
+        return (
+            f"no threshold crossed in {e['logged_steps']} logged steps; last {e['quantity']}"
+            f" = {g(ratio)}"
+        )
+    if e.get("axis") == "norm":
+        return f"{e['quantity']} = {g(e['value'])} > bound {g(e['threshold'])}"
+    if kind in ("vanishing", "exploding"):
+        op = "<" if kind == "vanishing" else ">"
+        return (
+            f"{e['quantity']} = {g(e['ratio'])} {op} {g(e['threshold'])}, held at"
+            f" {e['held']} logged steps (last at step {e['until']})"
+        )
+    if kind == "saturated":
+        return (
+            f"{g(e['fraction'])} of units saturated (>= {g(e['threshold'])}) in"
+            f" {e['layers_over']} layer(s), held at {e['held']} logged steps"
+        )
+    return (
+        f"{g(e['fraction'])} of units dead and never recovered (>= {g(e['threshold'])}) in"
+        f" {e['layers_over']} layer(s); {g(e['ever'])} ever died"
+    )

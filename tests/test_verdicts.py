@@ -1,0 +1,163 @@
+"""Verdicts on constructed statistics: each rule, its threshold, its evidence.
+
+The end-to-end verdicts of real runs are in test_health.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gradexp.config import DiagnoseConfig
+from gradexp.verdicts import KINDS, Record, describe, judge, sustained
+
+LAYERS = ["hidden.0", "hidden.1", "hidden.2", "head"]
+NAN = math.nan
+
+
+def record(step: int, bwd: list[float], **kw) -> Record:
+    n = len(bwd)
+    return Record(
+        step=step,
+        grad_norm=kw.get("grad", [1.0] * n),
+        signal_bwd=bwd,
+        signal_fwd=[1.0] * n,
+        sat_frac=kw.get("sat", [NAN] * n),
+        dead_frac=kw.get("dead", [NAN] * n),
+        grad_total=kw.get("total", 1.0),
+        time=kw.get("time", {}),
+    )
+
+
+def kinds(verdicts: list[dict]) -> list[str]:
+    return [v["kind"] for v in verdicts]
+
+
+CFG = DiagnoseConfig()
+HEALTHY = [1.0, 1.0, 1.0, 1.0]
+
+
+def test_sustained_needs_consecutive_hits_and_skips_unmeasured_steps():
+    below = lambda v: v < 1  # noqa: E731
+    values = [(0, 0.5), (10, 2.0), (20, 0.5), (30, None), (40, 0.5), (50, 0.5), (60, 2.0)]
+    found = sustained(values, below, 3)
+    # 20, 40, 50: consecutive among measured steps (30 is not measured)
+    assert found == {"step": 20, "value": 0.5, "until": 50, "held": "4/6"}
+    assert sustained(values, below, 4) is None
+    # a run shorter than `sustain` needs every measured step
+    assert sustained([(0, 0.5), (1, 0.5)], below, 3)["step"] == 0
+    assert sustained([(0, 0.5), (1, 2.0)], below, 3) is None
+    assert sustained([(0, None)], below, 3) is None
+
+
+def test_a_sound_run_has_exactly_one_verdict_healthy():
+    verdicts = judge(LAYERS, [record(s, HEALTHY) for s in range(0, 50, 10)], CFG)
+    assert kinds(verdicts) == ["healthy"]
+    assert verdicts[0]["evidence"]["ratio"] == 1.0
+    assert set(verdicts[0]) == {"kind", "layer", "step", "evidence"}
+
+
+def test_vanishing_needs_the_ratio_sustained():
+    bwd = [1e-4, 1e-3, 0.5, 1.0]
+    # one dip: not sustained
+    records = [record(s, bwd if s == 10 else HEALTHY) for s in range(0, 60, 10)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+    # from step 20 on
+    records = [record(s, bwd if s >= 20 else HEALTHY) for s in range(0, 60, 10)]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["step"]) == ("vanishing", 20)
+    # the layer nearest the output under 1e-2 of the head's signal
+    assert v["layer"] == "hidden.1"
+    assert v["evidence"]["ratio"] == pytest.approx(1e-4)
+    assert v["evidence"]["axis"] == "depth"
+    assert v["evidence"]["until"] == 50 and v["evidence"]["held"] == "4/6"
+    assert "= 0.0001 < 0.01" in describe(v)
+
+
+def test_threshold_is_configurable():
+    records = [record(s, [0.05, 0.5, 0.8, 1.0]) for s in range(3)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+    loose = DiagnoseConfig(vanishing_ratio=0.1)
+    assert kinds(judge(LAYERS, records, loose)) == ["vanishing"]
+
+
+def test_exploding_along_depth_and_past_the_bound():
+    records = [record(s, [1e3, 30.0, 3.0, 1.0]) for s in range(3)]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["layer"], v["step"]) == ("exploding", "hidden.0", 0)
+    # a single spike of the total norm is enough; the layer is the largest gradient's
+    records = [
+        record(s, HEALTHY, total=5e4 if s == 2 else 1.0, grad=[1.0, 9.0, 2.0, 1.0])
+        for s in range(4)
+    ]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["layer"], v["step"]) == ("exploding", "hidden.1", 2)
+    assert v["evidence"]["value"] == 5e4
+
+
+def test_unmeasurable_ratios_are_not_verdicts():
+    # a head that got no gradient, NaN and inf: nothing to judge by
+    records = [record(s, b) for s, b in enumerate([[1, 1, 1, 0.0], [NAN] * 4, [math.inf] * 4])]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+
+
+def test_diverged_carries_step_and_layer_and_keeps_what_came_before():
+    records = [record(s, [1e3, 30.0, 3.0, 1.0]) for s in range(3)]
+    nf = {"step": 3, "layer": "hidden.2"}
+    verdicts = judge(LAYERS, records, CFG, nonfinite=nf)
+    assert kinds(verdicts) == ["diverged", "exploding"]
+    assert (verdicts[0]["step"], verdicts[0]["layer"]) == (3, "hidden.2")
+    skipped = judge(LAYERS, records[:1], CFG, nonfinite=nf, skipped=4)[0]
+    assert skipped["evidence"]["skipped_steps"] == 4 and "4 steps skipped" in describe(skipped)
+
+
+def test_saturated_names_the_worst_layer():
+    sat = [0.1, 0.7, 0.9, NAN]
+    records = [record(s, HEALTHY, sat=sat if s else [0.1] * 3 + [NAN]) for s in range(5)]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["layer"], v["step"]) == ("saturated", "hidden.2", 1)
+    assert v["evidence"]["fraction"] == 0.9 and v["evidence"]["layers_over"] == 2
+
+
+def test_dead_units_need_units_that_never_recovered():
+    records = [record(s, HEALTHY, dead=[0.0, 0.5 if s >= 2 else 0.0, 0.0, NAN]) for s in range(4)]
+    recovered = [{"ever": 0.5, "recovered": 0.5, "never_recovered": 0.0}] * 3 + [None]
+    assert kinds(judge(LAYERS, records, CFG, dead=recovered)) == ["healthy"]
+    dead = [None, {"ever": 0.5, "recovered": 0.1, "never_recovered": 0.4}, None, None]
+    (v,) = judge(LAYERS, records, CFG, dead=dead)
+    assert (v["kind"], v["layer"], v["step"]) == ("dead_units", "hidden.1", 2)
+    assert v["evidence"]["fraction"] == 0.4 and v["evidence"]["ever"] == 0.5
+
+
+def test_recurrent_layers_are_judged_along_time():
+    layers = ["recurrent.0", "head"]
+    steps = [0, 10, 20, 29]
+
+    def rec(s: int, norms: list[float]) -> Record:
+        return record(s, [1.0, 1.0], time={"recurrent.0": (steps, norms)})
+
+    vanish = [rec(s, [1e-9, 1e-6, 1e-3, 1.0]) for s in range(3)]
+    (v,) = judge(layers, vanish, CFG)
+    assert (v["kind"], v["layer"], v["evidence"]["axis"]) == ("vanishing", "recurrent.0", "time")
+    assert v["evidence"]["ratio"] == pytest.approx(1e-9)
+    assert "t=0 / t=29" in v["evidence"]["quantity"]
+    explode = [rec(s, [1e5, 1e3, 10.0, 1.0]) for s in range(3)]
+    assert kinds(judge(layers, explode, CFG)) == ["exploding"]
+
+
+def test_truncated_bptt_zeros_are_not_vanishing():
+    """Before the last k-chunk the gradient is cut off by design: judge the last chunk."""
+    layers = ["recurrent.0", "head"]
+    steps = [0, 5, 10, 15, 20, 25, 29]
+    norms = [0.0, 0.0, 0.0, 0.0, 0.0, 0.8, 1.0]  # tbptt=10: chunks start at 0, 10, 20
+    records = [
+        record(s, [1.0, 1.0], time={"recurrent.0": (steps, norms[:4] + [0.5, 0.8, 1.0])})
+        for s in range(3)
+    ]
+    assert kinds(judge(layers, records, CFG, tbptt=10)) == ["healthy"]
+    assert kinds(judge(layers, records, CFG, tbptt=0)) == ["vanishing"]
+
+
+def test_kinds_are_the_documented_names():
+    assert KINDS == ("healthy", "vanishing", "exploding", "diverged", "dead_units", "saturated")
