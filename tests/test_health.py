@@ -3,17 +3,32 @@ of real runs: vanishing, healthy, diverged, dead units, saturated, along time.""
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
-from conftest import composed
+from conftest import (
+    TINY,
+    Run,
+    composed,
+    layer_tags,
+    load_summary,
+    scalar_series,
+    train,
+)
 from gradexp.data import load_data
 from gradexp.init import init_weights
+from gradexp.metrics import NullLogger
 from gradexp.models import create_model
 from gradexp.telemetry import ActivationProbe, DeadUnits, LayerMap, activation_modules
+from gradexp.train import run
+from gradexp.verdicts import KINDS
 
 CPU = torch.device("cpu")
 
@@ -154,3 +169,242 @@ def test_dead_unit_tracker_remembers_who_never_recovered():
         None,
         None,
     ]
+
+
+# --- verdicts of real runs ----------------------------------------------------------------
+
+QUIET = ("trainer.progress=off", "trainer.figure_every=0", "data.n_train=512", "data.n_test=128")
+
+
+def run_quietly(tmp_path, *overrides: str) -> dict:
+    cfg = composed(*QUIET, *overrides)
+    return run(cfg, tmp_path, logger=NullLogger(), console=Console(file=io.StringIO()))
+
+
+def kinds(summary: dict) -> list[str]:
+    return [v["kind"] for v in summary["verdicts"]]
+
+
+def test_deep_sigmoid_mlp_with_lecun_init_vanishes(tmp_path):
+    # std 1/sqrt(fan_in) and sigmoid' <= 1/4: each layer keeps < 1/4 of the signal
+    s = run_quietly(
+        tmp_path, "activation=sigmoid", "init=lecun_normal", "model.depth=10", "trainer.steps=30"
+    )
+    (v,) = s["verdicts"]
+    assert (v["kind"], v["step"], v["evidence"]["axis"]) == ("vanishing", 0, "depth")
+    first, head = s["layers"][0], s["layers"][-1]
+    measured = first["signal_bwd"]["first"] / head["signal_bwd"]["first"]
+    assert v["evidence"]["ratio"] == pytest.approx(measured)
+    assert measured < 1e-4
+    assert v["evidence"]["held"] == "4/4"  # steps 0, 10, 20, 29
+
+
+def test_relu_mlp_with_kaiming_init_at_depth_20_is_healthy(tmp_path):
+    s = run_quietly(
+        tmp_path,
+        "activation=relu",
+        "init=kaiming_normal",
+        "model.depth=20",
+        "model.width=64",
+        "trainer.steps=100",
+    )
+    assert s["status"] == "completed"
+    assert kinds(s) == ["healthy"]
+    (v,) = s["verdicts"]
+    assert v["layer"] is None and v["evidence"]["logged_steps"] == 11
+
+
+def reference_first_nonfinite_step(cfg) -> int:
+    """A plain loop, apart from the trainer: the first step whose loss or gradient is
+    non-finite, with the trainer's seeds, data order and optimizer settings."""
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, CPU)
+    model = create_model(cfg, data.spec)
+    init_weights(model, cfg.init, cfg.activation)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.trainer.steps):
+        x, y = data.batch(cfg.trainer.batch_size, gen)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if not (torch.isfinite(loss) and torch.isfinite(grads).all()):
+            return step
+        opt.step()
+    raise AssertionError("the reference never went non-finite")
+
+
+def test_huge_learning_rate_with_normal_init_diverges_at_the_right_step(tmp_path):
+    overrides = ("activation=relu", "init=normal", "optim.lr=1e6", "model.depth=4")
+    s = run_quietly(tmp_path, *overrides, "trainer.steps=30")
+    expected = reference_first_nonfinite_step(composed(*QUIET, *overrides, "trainer.steps=30"))
+    assert s["status"] == "diverged"
+    diverged = [v for v in s["verdicts"] if v["kind"] == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["step"] == expected > 0
+    assert diverged[0]["layer"] == s["nonfinite"]["layer"]
+    assert kinds(s)[0] == "diverged"
+
+
+def test_relu_net_with_a_large_negative_bias_has_dead_units(tmp_path):
+    s = run_quietly(
+        tmp_path, "activation=relu", "init=kaiming_normal", "init.bias=-3", "trainer.steps=20"
+    )
+    dead = [v for v in s["verdicts"] if v["kind"] == "dead_units"]
+    assert len(dead) == 1
+    assert dead[0]["step"] == 0
+    layer = next(entry for entry in s["layers"] if entry["name"] == dead[0]["layer"])
+    assert layer["dead_units"]["never_recovered"] == dead[0]["evidence"]["fraction"] >= 0.5
+    assert layer["dead_frac"]["first"] >= 0.5
+    # a dead unit passes no gradient: everything below the dead layer gets nothing
+    assert "vanishing" in kinds(s)
+
+
+def test_tanh_with_unit_normal_weights_saturates(tmp_path):
+    s = run_quietly(
+        tmp_path,
+        "activation=tanh",
+        "init=normal",
+        "model.width=64",
+        "model.depth=5",
+        "trainer.steps=20",
+    )
+    (v,) = [v for v in s["verdicts"] if v["kind"] == "saturated"]
+    assert v["step"] == 0 and v["evidence"]["fraction"] >= 0.5
+    worst = max(s["layers"][:-1], key=lambda e: e["sat_frac"]["first"])
+    assert v["layer"] == worst["name"]
+
+
+def test_rnn_with_a_small_recurrent_matrix_vanishes_along_time(tmp_path):
+    common = ("model=rnn", "init=xavier_normal", "data.length=30", "trainer.steps=3")
+    s = run_quietly(
+        tmp_path / "small", *common, "model.recurrent_init=normal", "model.recurrent_std=0.01"
+    )
+    (v,) = [v for v in s["verdicts"] if v["evidence"].get("axis") == "time"]
+    assert (v["kind"], v["layer"], v["step"]) == ("vanishing", "recurrent.0", 0)
+    (time,) = s["time"]
+    assert v["evidence"]["ratio"] == pytest.approx(time["ratio"]["first"])
+    assert time["ratio"]["first"] < 1e-20
+    # truncated BPTT: the zeros before the last chunk are by design, not vanishing
+    s = run_quietly(tmp_path / "tbptt", *common, "trainer.tbptt=10")
+    assert not [v for v in s["verdicts"] if v["evidence"].get("axis") == "time"]
+    assert s["time"][0]["grad_norm"]["first"][0] == 0.0
+
+
+# --- what a user sees: the CLI, summary.json, TensorBoard, the PNG --------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FLOW_DEPTH = 10
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The default (vanishing) config, tiny but 10 layers deep, a figure every 2 steps."""
+    return train(
+        tmp_path_factory.mktemp("flow"),
+        *TINY,
+        f"model.depth={FLOW_DEPTH}",
+        "trainer.figure_every=2",
+    ).ok()
+
+
+def test_verdicts_in_summary_terminal_and_tensorboard(flow_run: Run) -> None:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    summary = load_summary(flow_run.dir, strict=True)
+    verdicts = summary["verdicts"]
+    assert verdicts and all(set(v) == {"kind", "layer", "step", "evidence"} for v in verdicts)
+    assert all(v["kind"] in KINDS for v in verdicts)
+    assert "vanishing" in [v["kind"] for v in verdicts]
+    out = flow_run.proc.stdout
+    assert "verdicts" in out and "vanishing" in out and "held at" in out
+    acc = flow_run.events
+    (text,) = acc.Tensors("run/verdicts/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert table.startswith("| verdict | layer | step | evidence |") and "vanishing" in table
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
+    kinds = list(dict.fromkeys(v["kind"] for v in verdicts))
+    assert start.hparams["verdicts"].string_value == ",".join(kinds)
+    for kind in KINDS:
+        assert start.hparams[f"verdict/{kind}"].string_value == str(kind in kinds).lower()
+
+
+def test_activation_health_is_logged_per_layer(flow_run: Run) -> None:
+    summary = flow_run.summary
+    scalars = flow_run.events.Tags()["scalars"]
+    for i, tag in enumerate(layer_tags(FLOW_DEPTH)[:-1]):
+        for key in ("act_mean", "act_std", "sat_frac"):
+            series = scalar_series(flow_run.events, f"{key}/{tag}")
+            assert [s for s, _ in series] == [0, 2, 3, 4, 5]
+            assert series[-1][1] == pytest.approx(summary["layers"][i][key]["last"], rel=1e-6)
+        assert f"dead_frac/{tag}" not in scalars  # sigmoid units cannot die
+    head = layer_tags(FLOW_DEPTH)[-1]
+    assert not [t for t in scalars if t.endswith(head) and t.split("/")[0] in ("sat_frac",)]
+
+
+def test_gradient_flow_figure_png_and_tensorboard_images(flow_run: Run) -> None:
+    png = flow_run.dir / "gradient_flow.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+        width, height = im.size
+    assert width > 1000 and height > 300
+    images = flow_run.events.Images("flow/gradient_flow")
+    # every figure_every steps (0, 2, 4) and the end (step count 6)
+    assert [e.step for e in images] == [0, 2, 4, 6]
+    assert (images[-1].width, images[-1].height) == (width, height)
+
+
+def test_theory_beside_measurement_in_summary(flow_run: Run) -> None:
+    theory = flow_run.summary["theory"]
+    assert set(theory) >= {"signal_fwd_ratio", "signal_bwd_ratio"}
+    assert len(theory["signal_bwd"]) == FLOW_DEPTH + 1 and theory["signal_bwd"][-1] == 1.0
+    ratio = theory["signal_fwd"][0] / theory["signal_fwd"][-1]
+    assert theory["signal_fwd_ratio"] == pytest.approx(ratio)
+    assert scalar_series(flow_run.events, "theory/signal_bwd_ratio") == [
+        (0, pytest.approx(theory["signal_bwd_ratio"], rel=1e-6))
+    ]
+
+
+def test_run_without_matplotlib_says_so_and_finishes(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "matplotlib.py").write_text("raise ImportError('no matplotlib here')\n")
+    pythonpath = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
+    r = train(tmp_path, *TINY, env={"PYTHONPATH": pythonpath}).ok()
+    assert "figures need matplotlib: pip install 'gradexp[plot]'" in r.proc.stdout
+    assert "Traceback" not in r.proc.stderr
+    assert not (r.dir / "gradient_flow.png").exists()
+    assert r.summary["status"] == "completed" and r.summary["verdicts"]
+
+
+def test_non_mlp_runs_have_no_theory_and_say_why(tmp_path: Path) -> None:
+    s = run_quietly(tmp_path, "model=resmlp", "model.depth=3", "trainer.steps=2")
+    assert s["theory"] is None
+
+
+def test_jacobian_spectrum_on_request(tmp_path: Path) -> None:
+    s = run_quietly(
+        tmp_path,
+        "init=orthogonal",
+        "activation=identity",
+        "model.depth=3",
+        "model.width=32",
+        "model.bias=false",
+        "diagnose.jacobian=true",
+        "trainer.steps=1",
+    )
+    j = s["jacobian"]
+    # a linear net of orthogonal square layers (after a 32 -> 32 first layer): isometry
+    assert j["mean"] == pytest.approx(1.0, abs=1e-5) and j["std"] < 1e-5
+
+
+def test_jacobian_on_a_model_other_than_mlp_is_a_one_line_error(tmp_path: Path, cli) -> None:
+    r = cli(["train", "model=cnn", "diagnose.jacobian=true"], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "diagnose.jacobian=true: model=cnn; choose model=mlp" in r.stderr

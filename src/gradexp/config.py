@@ -336,7 +336,7 @@ class DiagnoseConfig:
     exploding_ratio: float = 1e2  # ... above this
     grad_bound: float = 1e4  # total gradient norm (before clipping) above this: exploding
     saturated_frac: float = 0.5  # a layer's saturated share of units at or above this
-    dead_frac: float = 0.25  # a layer's share of units dead for good at or above this
+    dead_frac: float = 0.5  # a layer's share of units dead for good at or above this
     sustain: int = 3  # consecutive log steps a ratio must hold (all of them in shorter runs)
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 

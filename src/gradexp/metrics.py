@@ -77,8 +77,15 @@ class TensorBoardLogger:
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
         # Into this run's own event file (add_hparams would open a timestamped sub-run);
         # the HParams tab reads each metric's last value from the scalars of the run.
+        # Booleans as "true"/"false": torch's hparams() would write them as numbers (1/0),
+        # while strings give the HParams tab a discrete filter.
         clean = {
-            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()
+            k: str(v).lower()
+            if isinstance(v, bool)
+            else v
+            if isinstance(v, (int, float, str))
+            else str(v)
+            for k, v in hparams.items()
         }
         for summary in hparams_summary(clean, {tag: math.nan for tag in metric_tags}):
             self.writer.file_writer.add_summary(summary)

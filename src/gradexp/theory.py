@@ -253,6 +253,15 @@ def gaussian_moments(act_cfg: ActivationConfig, mean: float, q: float) -> tuple[
 # --- the recursion -------------------------------------------------------------------------
 
 
+def _positive_finite(value: float, layer: str) -> float:
+    if not 0.0 < value < math.inf:
+        raise TheoryUnavailable(
+            f"the forward signal {'vanishes' if value == 0 else 'overflows'} in float64 at"
+            f" {layer}; the theory has no finite prediction"
+        )
+    return value
+
+
 def _check_covered(cfg: Config) -> None:
     if cfg.model.name != "mlp":
         raise TheoryUnavailable(
@@ -298,6 +307,7 @@ def mean_field(
         TheoryUnavailable: for a model other than mlp, a norm other than none,
             init=identity, init=normal with a nonzero mean, an activation without an
             expectation, zero weights, or a signal that under- or overflows float64.
+        ValueError: for an input_mean_square that is not positive and finite.
     """
     if not 0.0 < input_mean_square < math.inf:
         raise ValueError(f"input_mean_square={input_mean_square}: must be positive and finite")
@@ -320,26 +330,28 @@ def mean_field(
     dphi_sq: list[float] = []
     second = input_mean_square  # E[h^2] of the current layer's input
     for i in range(m.depth):
-        qi = sizes[i] * v[i] * second + bias_var[i]
-        if not 0.0 < qi < math.inf:
-            raise TheoryUnavailable(
-                f"the forward signal {'vanishes' if qi == 0 else 'overflows'} in float64 at"
-                f" hidden.{i} (q={qi}); the theory has no finite prediction"
-            )
+        qi = _positive_finite(sizes[i] * v[i] * second + bias_var[i], f"hidden.{i}")
         second, d = gaussian_moments(cfg.activation, bias_mean, qi)
         q.append(qi)
         phi_sq.append(second)
         dphi_sq.append(d)
-    head_sq = sizes[m.depth] * v[m.depth] * second + bias_var[m.depth] + bias_mean**2
+    head_sq = _positive_finite(
+        sizes[m.depth] * v[m.depth] * second + bias_var[m.depth] + bias_mean**2, "head"
+    )
 
     # Mean square of dl/dh per unit, relative to the logits', from the head down.
     back = [out_features * v[m.depth], 1.0]
     for i in range(m.depth - 2, -1, -1):
         back.insert(0, sizes[i + 2] * v[i + 1] * dphi_sq[i + 1] * back[0])
 
+    if not math.isfinite(back[0]):
+        raise TheoryUnavailable(
+            "the backward signal overflows float64 below the head; the theory has no finite"
+            " prediction"
+        )
     signal_fwd = [math.sqrt(p) for p in phi_sq] + [math.sqrt(head_sq)]
     signal_bwd = [math.sqrt(b) for b in back]
-    out = {
+    return {
         "signal_fwd_ratio": signal_fwd[0] / signal_fwd[-1],
         "signal_bwd_ratio": signal_bwd[0],
         "signal_fwd": signal_fwd,
@@ -347,9 +359,6 @@ def mean_field(
         "q": q,
         "chi": [sizes[i] * v[i] * dphi_sq[i] for i in range(m.depth)],
     }
-    if not all(math.isfinite(x) for x in [*signal_fwd, *signal_bwd]):
-        raise TheoryUnavailable("a predicted signal overflows float64; no finite prediction")
-    return out
 
 
 # --- the input-output Jacobian -------------------------------------------------------------

@@ -287,7 +287,9 @@ def run(
     jacobian = initial_jacobian(cfg, model, data, logger)
     figure_missing = figures.missing_dependency()
     if figure_missing:
-        console.print(f"note: {figure_missing}; the run goes on without it", highlight=False)
+        console.print(
+            f"note: {figure_missing}; the run goes on without it", markup=False, highlight=False
+        )
         logger.text("run/notes", figure_missing, 0)
 
     def draw(step: int | None = None, final: bool = False) -> Any:
