@@ -124,7 +124,7 @@ def test_flow_figure_png_and_image(tmp_path: Path):
     assert len(fig.axes) == 3
     assert [t.get_text() for t in fig.texts] == ["mlp depth 20"]  # the suptitle
     path = tmp_path / "sub" / "flow.png"
-    save_png(fig, path)
+    written = save_png(fig, path)
     data = path.read_bytes()
     assert data.startswith(PNG_SIGNATURE)
     assert len(data) < 300_000
@@ -139,6 +139,7 @@ def test_flow_figure_png_and_image(tmp_path: Path):
     assert image.flags.c_contiguous
     # Same picture both ways, and not a blank one.
     assert np.abs(image.transpose(1, 2, 0).astype(int) - pixels).mean() < 1.0
+    assert np.array_equal(written, pixels.transpose(2, 0, 1))  # the pixels it encoded
     assert np.unique(image.reshape(3, -1), axis=1).shape[1] > 20
 
 

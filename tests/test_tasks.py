@@ -114,6 +114,9 @@ class Recorder:
     def hparams(self, hparams, metric_tags):
         pass
 
+    def image(self, tag, image, step):
+        pass
+
     def flush(self):
         pass
 

@@ -121,13 +121,16 @@ def test_saturated_names_the_worst_layer():
 
 
 def test_dead_units_need_units_that_never_recovered():
-    records = [record(s, HEALTHY, dead=[0.0, 0.5 if s >= 2 else 0.0, 0.0, NAN]) for s in range(4)]
-    recovered = [{"ever": 0.5, "recovered": 0.5, "never_recovered": 0.0}] * 3 + [None]
+    records = [record(s, HEALTHY, dead=[0.0, 0.8 if s >= 2 else 0.0, 0.0, NAN]) for s in range(4)]
+    recovered = [{"ever": 0.8, "recovered": 0.8, "never_recovered": 0.0}] * 3 + [None]
     assert kinds(judge(LAYERS, records, CFG, dead=recovered)) == ["healthy"]
-    dead = [None, {"ever": 0.5, "recovered": 0.1, "never_recovered": 0.4}, None, None]
+    dead = [None, {"ever": 0.8, "recovered": 0.1, "never_recovered": 0.7}, None, None]
     (v,) = judge(LAYERS, records, CFG, dead=dead)
     assert (v["kind"], v["layer"], v["step"]) == ("dead_units", "hidden.1", 2)
-    assert v["evidence"]["fraction"] == 0.4 and v["evidence"]["ever"] == 0.5
+    assert v["evidence"]["fraction"] == 0.7 and v["evidence"]["ever"] == 0.8
+    # under the threshold (half a layer by default): not a verdict
+    mild = [None, {"ever": 0.5, "recovered": 0.1, "never_recovered": 0.4}, None, None]
+    assert kinds(judge(LAYERS, records, CFG, dead=mild)) == ["healthy"]
 
 
 def test_recurrent_layers_are_judged_along_time():

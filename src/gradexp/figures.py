@@ -315,20 +315,27 @@ def _render(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
-def save_png(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> np.ndarray:
     """Write the figure as an RGB PNG at its own size, making parent directories.
 
     Args:
         fig: a figure, e.g. from flow_figure.
         path: the file to write.
+
+    Returns:
+        The pixels written, as to_image gives them: one draw serves the file and
+        TensorBoard.
     """
     # Pillow is a dependency of matplotlib. One Agg draw and an RGB encode: savefig lays
     # the figure out in an extra draw and writes RGBA, ~0.1 s slower and ~10% larger.
+    import numpy as np
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_render(fig)).save(path, format="png")
+    pixels = _render(fig)
+    Image.fromarray(pixels).save(path, format="png")
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def to_image(fig: Figure) -> np.ndarray:

@@ -158,11 +158,28 @@ _CAN_DIE = (nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU,
 
 
 def activation_modules(layers: list[nn.Module]) -> list[tuple[int, nn.Module]]:
-    """(depth layer index, module) of every activation inside each depth layer."""
+    """(depth layer index, module) of every activation inside each depth layer.
+
+    A fused recurrent layer is left out: torch's kernel applies its nonlinearity itself.
+    """
     kinds = (*_SATURATED, *_CAN_DIE)
     return [
-        (i, m) for i, layer in enumerate(layers) for m in layer.modules() if isinstance(m, kinds)
+        (i, m)
+        for i, layer in enumerate(layers)
+        if not getattr(layer, "fused", False)
+        for m in layer.modules()
+        if isinstance(m, kinds)
     ]
+
+
+def health_quantities(acts: list[tuple[int, nn.Module]]) -> list[str]:
+    """The activation-health quantities these activation modules can have."""
+    out = ["act_mean", "act_std"] if acts else []
+    if any(type(m) in _SATURATED for _, m in acts):
+        out.append("sat_frac")
+    if any(isinstance(m, _CAN_DIE) for _, m in acts):
+        out.append("dead_frac")
+    return out
 
 
 class ActivationProbe:

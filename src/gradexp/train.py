@@ -39,6 +39,7 @@ from gradexp.telemetry import (
     SignalProbe,
     TimeProbe,
     activation_modules,
+    health_quantities,
     histogram_from_stats,
     histogram_stats,
 )
@@ -98,13 +99,25 @@ def check_writable(output_dir: Path) -> None:
         raise ConfigError(f"output dir {output_dir}: cannot be written ({e.strerror})") from None
 
 
-def custom_scalars_layout(time_tags: list[str] | None = None) -> dict[str, Any]:
+def custom_scalars_layout(
+    time_tags: list[str] | None = None, health: list[str] | None = None
+) -> dict[str, Any]:
     """TensorBoard's Custom Scalars tab: every layer of a quantity on one chart, and for a
-    recurrent layer every logged time step's gradient on one chart."""
+    recurrent layer every logged time step's gradient on one chart.
+
+    ``health``: the activation-health quantities the run has (telemetry.health_quantities).
+    """
 
     def chart(tag: str) -> list[Any]:
         return ["Multiline", [rf"^{tag}/\d+_"]]
 
+    titles = {
+        "sat_frac": "saturated share of units per layer (sigmoid, tanh)",
+        "dead_frac": "dead units per layer",
+        "act_mean": "activation mean per layer",
+        "act_std": "activation std per layer",
+    }
+    health_charts = {titles[key]: chart(key) for key in health or []}
     through_time = {
         f"||dL/dh_t|| per time step, {tag}": ["Multiline", [rf"^time_grad/{re.escape(tag)}/"]]
         for tag in time_tags or []
@@ -122,12 +135,7 @@ def custom_scalars_layout(time_tags: list[str] | None = None) -> dict[str, Any]:
             "update/weight ratio per layer": chart("update_ratio"),
             "weight norm per layer": chart("weight_norm"),
         },
-        "activation health": {
-            "saturated share of units per layer (sigmoid, tanh)": chart("sat_frac"),
-            "dead units per layer": chart("dead_frac"),
-            "activation mean per layer": chart("act_mean"),
-            "activation std per layer": chart("act_std"),
-        },
+        **({"activation health": health_charts} if health_charts else {}),
         "clipping": {
             "total gradient norm": ["Multiline", [r"^grad/norm_"]],
             "AGC clipped units per layer": chart("clip_frac"),
@@ -280,7 +288,8 @@ def run(
     weights = [w for _, ws, _ in weights_and_biases(model) for w in ws]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
     if logger is None:
-        logger = TensorBoardLogger(output_dir, custom_scalars_layout([tag for tag, _ in traced]))
+        layout = custom_scalars_layout([tag for tag, _ in traced], health_quantities(acts))
+        logger = TensorBoardLogger(output_dir, layout)
     for note in notes:
         logger.text("run/notes", note, 0)
     theory = initial_theory(cfg, model, data, logger)
@@ -715,8 +724,8 @@ def _finish(
         try:
             fig = draw()
             if fig is not None:
-                figures.save_png(fig, output_dir / FIGURE_FILE)
-                logger.image("flow/gradient_flow", figures.to_image(fig), result["steps"])
+                image = figures.save_png(fig, output_dir / FIGURE_FILE)
+                logger.image("flow/gradient_flow", image, result["steps"])
         except Exception as e:  # the figure is a view of the run, never worth losing it for
             log.warning("the gradient-flow figure failed: %s: %s", type(e).__name__, e)
         logger.close()
