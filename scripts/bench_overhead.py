@@ -81,6 +81,9 @@ def make_config(workload: str, steps: int, log_every: int, device: str):
         f"trainer.hist_every={10 * steps}",
         f"trainer.eval_every={10 * steps}",
         "trainer.progress=off",
+        # Per-step telemetry only: a figure costs ~0.45 s to draw whatever the workload
+        # (plus ~0.4 s to import matplotlib once), reported apart in the README.
+        "trainer.figure_every=0",
         f"trainer.device={device}",
     ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):

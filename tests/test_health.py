@@ -369,6 +369,18 @@ def test_theory_beside_measurement_in_summary(flow_run: Run) -> None:
     assert scalar_series(flow_run.events, "theory/signal_bwd_ratio") == [
         (0, pytest.approx(theory["signal_bwd_ratio"], rel=1e-6))
     ]
+    # per layer, beside the measured step-0 profile (the backward one scaled to the head)
+    (text,) = flow_run.events.Tensors("theory/vs_measured/text_summary")
+    rows = text.tensor_proto.string_val[0].decode().splitlines()[2:]
+    layers = flow_run.summary["layers"]
+    assert len(rows) == FLOW_DEPTH + 1
+    for row, layer, fwd in zip(rows, layers, theory["signal_fwd"]):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == layer["name"]
+        assert float(cells[1]) == pytest.approx(fwd, rel=1e-2)
+        assert float(cells[2]) == pytest.approx(layer["signal_fwd"]["first"], rel=1e-2)
+        assert float(cells[4]) == pytest.approx(layer["signal_bwd"]["first"], rel=1e-2)
+    assert float(rows[-1].split("|")[4]) == pytest.approx(layers[-1]["signal_bwd"]["first"], 1e-2)
 
 
 def test_run_without_matplotlib_says_so_and_finishes(tmp_path: Path) -> None:

@@ -528,6 +528,9 @@ def run(
                 progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
                 if figure_now and (fig := draw(step)) is not None:
                     logger.image("flow/gradient_flow", figures.to_image(fig), step)
+                if step == 0 and theory is not None:
+                    table = theory_markdown(history.names(), theory, history.records[0])
+                    logger.text("theory/vs_measured", table, 0)
     except KeyboardInterrupt:
         status = "interrupted"
     except Exception as e:
@@ -749,6 +752,24 @@ def initial_theory(
         return None
     logger.scalars({f"theory/{k}": theory[k] for k in ("signal_fwd_ratio", "signal_bwd_ratio")}, 0)
     return theory
+
+
+def theory_markdown(layers: list[str], theory: dict[str, Any], measured: Record) -> str:
+    """The mean-field profile beside the measured one at step 0, one row per layer; the
+    predicted backward signal is relative, so it is scaled to the measured head's."""
+    head = measured.signal_bwd[-1]
+    rows = [
+        f"| {name} | {theory['signal_fwd'][i]:.3g} | {measured.signal_fwd[i]:.3g}"
+        f" | {theory['signal_bwd'][i] * head:.3g} | {measured.signal_bwd[i]:.3g} |"
+        for i, name in enumerate(layers)
+    ]
+    return "\n".join(
+        [
+            "| layer | fwd, theory | fwd, measured | bwd, theory | bwd, measured |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def initial_jacobian(
