@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,8 +302,9 @@ def run(
         )
         logger.text("run/notes", figure_missing, 0)
 
-    def draw(step: int | None = None, final: bool = False) -> Any:
-        """The gradient-flow figure of the logging steps so far (None: nothing to draw)."""
+    def draw(step: int | None = None, judged: list[dict[str, Any]] | None = None) -> Any:
+        """The gradient-flow figure of the logging steps so far (None: nothing to draw),
+        titled with the verdicts at the end."""
         if figure_missing or not history.records:
             return None
         step = history.records[-1].step if step is None else step
@@ -310,8 +312,8 @@ def run(
             f"{cfg.model.name}, {cfg.activation.name}, init={cfg.init.name},"
             f" norm={cfg.norm.name}, clip={cfg.clip.name}: step {step}"
         )
-        if final:
-            title += "; " + ", ".join(v["kind"] for v in verdicts())
+        if judged:
+            title += "; " + ", ".join(dict.fromkeys(v["kind"] for v in judged))
         snapshots = [
             figures.FlowSnapshot(r.step, r.grad_norm, r.signal_bwd, r.signal_fwd, r.time)
             for r in history.records
@@ -539,7 +541,7 @@ def run(
     finally:
         progress.close()
         result = summary()
-        _finish(logger, cfg, result, output_dir, metric_tags, lambda: draw(final=True))
+        _finish(logger, cfg, result, output_dir, metric_tags, draw)
     if status == "diverged" and t.on_nonfinite.name == "raise":
         nf = result["nonfinite"]
         raise NonFiniteError(
@@ -714,7 +716,7 @@ def _finish(
     result: dict[str, Any],
     output_dir: Path,
     metric_tags: list[str],
-    draw: Any,
+    draw: Callable[..., Any],
 ) -> None:
     """Write hparams, verdicts, the figure and summary.json, flush TensorBoard: on every
     way out of a run."""
@@ -725,7 +727,7 @@ def _finish(
         logger.text("run/verdicts", verdict_markdown(result["verdicts"]), result["steps"])
         logger.text("run/summary", f"```\n{text}\n```", result["steps"])
         try:
-            fig = draw()
+            fig = draw(judged=result["verdicts"])
             if fig is not None:
                 image = figures.save_png(fig, output_dir / FIGURE_FILE)
                 logger.image("flow/gradient_flow", image, result["steps"])
