@@ -188,26 +188,24 @@ class ActivationProbe:
 
     A unit is a feature of a (B, F) output or a channel of a (B, C, ...) map. It is dead
     in this batch when it outputs exactly 0 for every example (and every position and,
-    in a recurrent layer, every time step). Forward hooks on the activation modules add
-    up sums on the device; every hook is removed on exit. An activation that is not
-    called (a fused recurrent layer) leaves its layer's statistics NaN.
+    in a recurrent layer, every time step). A forward hook on each activation module
+    only keeps a reference to its output (autograd saves it for backward anyway); the
+    statistics are taken in ``result``, once per module over all its calls (a recurrent
+    layer calls its activation at every time step). Every hook is removed on exit. An
+    activation that is not called (a fused recurrent layer) leaves its layer's
+    statistics NaN.
     """
 
     def __init__(self, acts: list[tuple[int, nn.Module]], n_layers: int) -> None:
         self.acts = acts
         self.n_layers = n_layers
         self.handles: list[RemovableHandle] = []
-        # Per layer, on the device: [sum, sum of squares, saturated count]; on the host the
-        # entries seen, and those of saturating activations (no host-device copy per call).
-        self.sums: list[torch.Tensor | None] = [None] * n_layers
-        self.count = [0.0] * n_layers
-        self.sat_count = [0.0] * n_layers
-        # Per activation module: which units produced a nonzero output.
-        self.alive: list[torch.Tensor | None] = [None] * len(acts)
+        self.outputs: list[list[torch.Tensor]] = [[] for _ in acts]
+        self.dead: list[torch.Tensor | None] = [None] * len(acts)
 
     def __enter__(self) -> ActivationProbe:
-        for k, (i, module) in enumerate(self.acts):
-            self.handles.append(module.register_forward_hook(self._hook(k, i, module)))
+        for k, (_, module) in enumerate(self.acts):
+            self.handles.append(module.register_forward_hook(self._hook(k)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,52 +213,68 @@ class ActivationProbe:
             handle.remove()
         self.handles.clear()
 
-    def _hook(self, k: int, i: int, module: nn.Module):
-        saturated = _SATURATED.get(type(module))
-        can_die = isinstance(module, _CAN_DIE)
-
+    def _hook(self, k: int):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            a = output.detach()
-            af = a.double()
-            sat = saturated(a).sum().double() if saturated is not None else af.new_zeros(())
-            row = torch.stack([af.sum(), af.square().sum(), sat])
-            self.sums[i] = row if self.sums[i] is None else self.sums[i] + row
-            self.count[i] += a.numel()
-            if saturated is not None:
-                self.sat_count[i] += a.numel()
-            if can_die:
-                unit = min(1, a.dim() - 1)  # features of (B, F), channels of (B, C, ...)
-                dims = [d for d in range(a.dim()) if d != unit]
-                alive = (a != 0).any(dim=dims) if dims else a != 0
-                prev = self.alive[k]
-                self.alive[k] = alive if prev is None else prev | alive
+            self.outputs[k].append(output.detach())
 
         return hook
 
     def result(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Per layer (NaN where not measured): act_mean, act_std, sat_frac, dead_frac."""
-        nan = torch.full((3,), math.nan, device=device, dtype=torch.float64)
-        total, sq, sat = torch.stack([nan if v is None else v for v in self.sums]).unbind(1)
-        counts = torch.tensor([self.count, self.sat_count], device=device, dtype=torch.float64)
-        count, sat_count = counts.unbind(0)
-        mean = total / count
-        var = (sq / count - mean.square()).clamp_min(0)
-        dead = torch.zeros(self.n_layers, device=device, dtype=torch.float64)
-        units = torch.zeros_like(dead)
-        for (i, _), alive in zip(self.acts, self.alive):
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        # Per layer: sum, sum of squares, saturated count (device); entries, saturating
+        # entries, units, dead units (host counts, or device sums for the dead).
+        sums: list[list[torch.Tensor]] = [[zero, zero, zero] for _ in range(self.n_layers)]
+        count = [0.0] * self.n_layers
+        sat_count = [0.0] * self.n_layers
+        units = [0.0] * self.n_layers
+        dead: list[torch.Tensor] = [zero] * self.n_layers
+        for k, ((i, module), outs) in enumerate(zip(self.acts, self.outputs)):
+            if not outs:
+                continue
+            # One stack for all calls of the same shape: a recurrent layer's time steps.
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for out in outs:
+                by_shape.setdefault(out.shape, []).append(out)
+            saturated = _SATURATED.get(type(module))
+            alive = None
+            for shape, same in by_shape.items():
+                a = torch.stack(same)  # (calls, *shape)
+                af = a.double()
+                sums[i] = [
+                    sums[i][0] + af.sum(),
+                    sums[i][1] + af.square().sum(),
+                    sums[i][2] + (saturated(a).sum() if saturated is not None else 0),
+                ]
+                count[i] += a.numel()
+                if saturated is not None:
+                    sat_count[i] += a.numel()
+                if isinstance(module, _CAN_DIE):
+                    unit = 1 + min(1, len(shape) - 1)  # features of (B, F), channels of maps
+                    nonzero = (a != 0).any(dim=[d for d in range(a.dim()) if d != unit])
+                    alive = nonzero if alive is None else alive | nonzero
             if alive is not None:
-                dead[i] += (~alive).sum()
+                self.dead[k] = ~alive
+                dead[i] = dead[i] + self.dead[k].sum()
                 units[i] += alive.numel()
+        nan = torch.tensor(math.nan, device=device, dtype=torch.float64)
+        total, sq, sat = (torch.stack([s[j] for s in sums]) for j in range(3))
+        counts = torch.tensor([count, sat_count, units], device=device, dtype=torch.float64)
+        counts = torch.where(counts > 0, counts, nan)  # nothing measured: NaN, not 0/0
+        n, sat_n, unit_n = counts.unbind(0)
+        mean = total / n
+        var = (sq / n - mean.square()).clamp_min(0)
         return {
             "act_mean": mean,
             "act_std": var.sqrt(),
-            "sat_frac": sat / sat_count,  # 0/0 = NaN: no saturating activation in the layer
-            "dead_frac": dead / units,
+            "sat_frac": sat / sat_n,  # NaN: no saturating activation in the layer
+            "dead_frac": torch.stack(dead).double() / unit_n,
         }
 
     def dead_masks(self) -> list[torch.Tensor | None]:
-        """Per activation module, the units dead in this batch (None: not measured)."""
-        return [None if alive is None else ~alive for alive in self.alive]
+        """Per activation module, the units dead in this batch (None: not measured);
+        after ``result``."""
+        return list(self.dead)
 
 
 class DeadUnits:
