@@ -159,16 +159,28 @@ def test_hooks_are_removed_and_statistics_are_nan_when_not_called():
 def test_dead_unit_tracker_remembers_who_never_recovered():
     t = torch.tensor
     acts = [(0, nn.ReLU()), (0, nn.ReLU()), (2, nn.ReLU())]
-    tracker = DeadUnits(acts, 3)
+    tracker = DeadUnits(acts, 3, sustain=2)
     tracker.update([t([1, 1, 0, 0]).bool(), t([0, 0]).bool(), None])
     tracker.update([t([1, 0, 0, 1]).bool(), t([0, 1]).bool(), None])
     tracker.update([t([1, 0, 1, 1]).bool(), t([0, 1]).bool(), None])
-    # layer 0 has 6 units: 5 died; unit 1 of the first module came back, 4 never did
+    # layer 0 has 6 units: 5 died, unit 1 of the first module came back; dead at the last
+    # 2 log steps (sustain): units 0 and 3 of the first module, unit 1 of the second
     assert tracker.result() == [
-        {"ever": 5 / 6, "recovered": 1 / 6, "never_recovered": 4 / 6},
+        {"ever": 5 / 6, "recovered": 1 / 6, "never_recovered": 3 / 6},
         None,
         None,
     ]
+
+
+def test_a_unit_that_dies_again_and_stays_dead_counts_as_dead_for_good():
+    t = torch.tensor
+    tracker = DeadUnits([(0, nn.ReLU())], 1, sustain=2)
+    for mask in ([1, 0], [0, 0], [1, 0], [1, 0]):
+        tracker.update([t(mask).bool()])
+    assert tracker.result() == [{"ever": 0.5, "recovered": 0.5, "never_recovered": 0.5}]
+    # one batch is not enough once the run has `sustain` log steps
+    tracker.update([t([0, 1]).bool()])
+    assert tracker.result()[0]["never_recovered"] == 0.0
 
 
 # --- verdicts of real runs ----------------------------------------------------------------

@@ -141,12 +141,18 @@ def test_tutorial_table_figures(
     assert {v["kind"] for v in summary["verdicts"]} == verdicts, command
 
 
-def time_rows() -> list[tuple[str, float, float]]:
-    """(command, ||dL/dh_0|| / ||dL/dh_T|| at step 0, test loss) from the through-time table."""
+def time_rows() -> list[tuple[str, float, float, set[str]]]:
+    """(command, ||dL/dh_0|| / ||dL/dh_T|| at step 0, test loss, verdict kinds) from the
+    through-time table."""
     rows = re.findall(
-        r"^\| [^|`]+ \| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+) \|$", README, re.MULTILINE
+        r"^\| [^|`]+ \| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+) \| ([a-z_, ]+) \|$",
+        README,
+        re.MULTILINE,
     )
-    return [(cmd, float(ratio), float(loss)) for cmd, ratio, loss in rows]
+    return [
+        (cmd, float(ratio), float(loss), set(verdicts.split(", ")))
+        for cmd, ratio, loss, verdicts in rows
+    ]
 
 
 def test_readme_has_the_gradient_through_time_table():
@@ -154,10 +160,13 @@ def test_readme_has_the_gradient_through_time_table():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("command", "ratio", "loss"), time_rows())
-def test_gradient_through_time_table_figures(tmp_path: Path, command: str, ratio: float, loss):
+@pytest.mark.parametrize(("command", "ratio", "loss", "verdicts"), time_rows())
+def test_gradient_through_time_table_figures(
+    tmp_path: Path, command: str, ratio: float, loss: float, verdicts: set
+):
     """Each row's step-0 gradient ratio between the first and last time step (within a
-    factor 3, an order of magnitude for the extreme ones) and the final test loss."""
+    factor 3, an order of magnitude for the extreme ones), the final test loss and the
+    verdicts."""
     run_dir = tmp_path / "run"
     proc = run_cli([*command.split()[1:], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
@@ -169,3 +178,4 @@ def test_gradient_through_time_table_figures(tmp_path: Path, command: str, ratio
     tolerance = 3.0 if 1e-3 <= ratio <= 1e3 else 10.0
     assert ratio / tolerance <= measured <= ratio * tolerance, (command, measured)
     assert summary["metrics"]["loss/test"] == pytest.approx(loss, abs=0.03), command
+    assert {v["kind"] for v in summary["verdicts"]} == verdicts, command

@@ -112,12 +112,22 @@ def test_diverged_carries_step_and_layer_and_keeps_what_came_before():
     assert skipped["evidence"]["skipped_steps"] == 4 and "4 steps skipped" in describe(skipped)
 
 
-def test_saturated_names_the_worst_layer():
+def test_saturated_names_the_layer_that_stays_saturated_first():
     sat = [0.1, 0.7, 0.9, NAN]
     records = [record(s, HEALTHY, sat=sat if s else [0.1] * 3 + [NAN]) for s in range(5)]
     (v,) = judge(LAYERS, records, CFG)
     assert (v["kind"], v["layer"], v["step"]) == ("saturated", "hidden.2", 1)
     assert v["evidence"]["fraction"] == 0.9 and v["evidence"]["layers_over"] == 2
+    # the most saturated layer changing every step is no layer staying saturated
+    hopping = [[0.9, 0.1, 0.1, NAN], [0.1, 0.9, 0.1, NAN], [0.1, 0.1, 0.9, NAN]]
+    records = [record(s, HEALTHY, sat=sat) for s, sat in enumerate(hopping * 2)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+
+
+def test_nothing_logged_no_verdict():
+    assert judge(LAYERS, [], CFG) == []
+    # but a run that went non-finite before it logged anything has diverged
+    assert kinds(judge(LAYERS, [], CFG, nonfinite={"step": 0, "layer": "head"})) == ["diverged"]
 
 
 def test_dead_units_need_units_that_never_recovered():

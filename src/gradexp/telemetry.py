@@ -278,16 +278,20 @@ class ActivationProbe:
 
 
 class DeadUnits:
-    """Which units died at a logging step and never came back at a later one.
+    """Which units are dead for good: dead at every logging step since they last died,
+    for at least ``sustain`` of them (all of them in a run with fewer logging steps).
 
-    Device masks per activation module, updated on logging steps: a unit that died and
-    is dead at every later logging step "never recovered"; one seen alive again after
-    dying "recovered".
+    Device tensors per activation module, updated on logging steps: the length of each
+    unit's current dead streak, whether it ever died, and whether it ever came back
+    after dying.
     """
 
-    def __init__(self, acts: list[tuple[int, nn.Module]], n_layers: int) -> None:
+    def __init__(self, acts: list[tuple[int, nn.Module]], n_layers: int, sustain: int = 1) -> None:
         self.layer_of = [i for i, _ in acts]
         self.n_layers = n_layers
+        self.sustain = sustain
+        self.updates = [0] * len(acts)
+        self.streak: list[torch.Tensor | None] = [None] * len(acts)
         self.died: list[torch.Tensor | None] = [None] * len(acts)
         self.recovered: list[torch.Tensor | None] = [None] * len(acts)
 
@@ -295,26 +299,30 @@ class DeadUnits:
         for k, now in enumerate(dead):
             if now is None:
                 continue
-            died = self.died[k]
-            if died is None:
-                self.died[k], self.recovered[k] = now.clone(), torch.zeros_like(now)
-            else:
-                self.recovered[k] |= died & ~now
-                died |= now
+            if self.streak[k] is None:
+                self.streak[k] = torch.zeros(now.shape, dtype=torch.long, device=now.device)
+                self.died[k], self.recovered[k] = torch.zeros_like(now), torch.zeros_like(now)
+            self.recovered[k] |= self.died[k] & ~now
+            self.died[k] |= now
+            self.streak[k] = torch.where(now, self.streak[k] + 1, 0)
+            self.updates[k] += 1
 
     def result(self) -> list[dict[str, float] | None]:
-        """Per layer: shares of its units that ever died, recovered, never recovered."""
+        """Per layer: shares of its units that ever died, came back after dying, and are
+        dead for good (``never_recovered``)."""
         counts = [[0, 0, 0, 0] for _ in range(self.n_layers)]  # units, ever, back, never
         seen = [False] * self.n_layers
-        for i, died, back in zip(self.layer_of, self.died, self.recovered):
-            if died is None:
+        for k, i in enumerate(self.layer_of):
+            streak, died, back = self.streak[k], self.died[k], self.recovered[k]
+            if streak is None or died is None or back is None:
                 continue
             seen[i] = True
+            need = min(self.sustain, self.updates[k])
             c = counts[i]
             c[0] += died.numel()
             c[1] += int(died.sum())
-            c[2] += int((died & back).sum())
-            c[3] += int((died & ~back).sum())
+            c[2] += int(back.sum())
+            c[3] += int((streak >= need).sum())
         return [
             {"ever": ever / n, "recovered": back / n, "never_recovered": never / n}
             if ok and n

@@ -274,7 +274,7 @@ def run(
     # Recurrent layers unrolled in Python report the gradient reaching each time step.
     traced = [(tag, m) for tag, m in zip(layers.tags, layers.modules) if getattr(m, "traceable", 0)]
     acts = activation_modules(layers.modules)
-    dead_units = DeadUnits(acts, len(layers))
+    dead_units = DeadUnits(acts, len(layers), cfg.diagnose.sustain)
     optimizer = create_optimizer(cfg.optim, layers.params)
     scheduler = create_scheduler(cfg.optim, optimizer, t.steps)
     clipper = Clipper(cfg.clip, layers.params, layers.param_names, layers.layer_of, len(layers))
@@ -293,8 +293,9 @@ def run(
         logger = TensorBoardLogger(output_dir, layout)
     for note in notes:
         logger.text("run/notes", note, 0)
-    theory = initial_theory(cfg, model, data, logger)
-    jacobian = initial_jacobian(cfg, model, data, logger)
+    theory: dict[str, Any] | None = None
+    jacobian: dict[str, Any] | None = None
+    theory_logged = False
     figure_missing = figures.missing_dependency()
     if figure_missing:
         console.print(
@@ -390,6 +391,8 @@ def run(
         }
 
     try:
+        theory = initial_theory(cfg, model, data, logger)
+        jacobian = initial_jacobian(cfg, model, data, logger)
         for step in range(t.steps):
             final = step == t.steps - 1
             hist_now = step % t.hist_every == 0
@@ -530,9 +533,11 @@ def run(
                 progress.update(step, values["loss/train"], values["grad/norm_pre_clip"], rate)
                 if figure_now and (fig := draw(step)) is not None:
                     logger.image("flow/gradient_flow", figures.to_image(fig), step)
-                if step == 0 and theory is not None:
-                    table = theory_markdown(history.names(), theory, history.records[0])
-                    logger.text("theory/vs_measured", table, 0)
+                if theory is not None and not theory_logged:  # the first log step: step 0
+                    first = history.records[0]
+                    table = theory_markdown(history.names(), theory, first)
+                    logger.text("theory/vs_measured", table, first.step)
+                    theory_logged = True
     except KeyboardInterrupt:
         status = "interrupted"
     except Exception as e:
@@ -745,7 +750,7 @@ def initial_theory(
     try:
         theory = mean_field(
             cfg,
-            float(data.x_train.double().square().mean()),
+            float(data.x_train.square().mean(dtype=torch.float64)),
             math.prod(data.spec.input_shape),
             data.spec.out_features,
         )

@@ -15,10 +15,14 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
   (before it the gradient is cut off by design, not vanished).
 - exploding, past a bound: the total gradient norm above ``grad_bound`` at any logging
   step (one spike is enough); ``layer`` is the layer with the largest gradient then.
-- saturated: some layer with at least ``saturated_frac`` of its sigmoid/tanh units in
-  the flat regions, at ``sustain`` consecutive logging steps.
-- dead_units: some layer with at least ``dead_frac`` of its units dead at a logging step
-  and at every one after it (never recovered by the end).
+- saturated: a layer with at least ``saturated_frac`` of its sigmoid/tanh outputs in
+  the flat regions at ``sustain`` consecutive logging steps (the layer that does so
+  first).
+- dead_units: a layer with at least ``dead_frac`` of its units dead for good: dead at
+  every logging step since they last died, at least ``sustain`` of them (see
+  telemetry.DeadUnits).
+
+A run that logged nothing (stopped before its first logging step) gets no verdict.
 """
 
 from __future__ import annotations
@@ -197,27 +201,27 @@ def _past_bound(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -
 
 
 def _saturated(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -> dict | None:
-    def worst(r: Record) -> tuple[float, str] | None:
-        measured = [(v, name) for v, name in zip(r.sat_frac, layers) if _finite(v)]
-        return max(measured) if measured else None
-
-    values = [(r.step, w[0] if (w := worst(r)) else None) for r in records]
-    found = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
-    if found is None:
+    """The layer whose saturated share first stays at or above the threshold."""
+    found = []
+    for i, name in enumerate(layers):
+        values = [(r.step, r.sat_frac[i] if _finite(r.sat_frac[i]) else None) for r in records]
+        hit = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
+        if hit is not None:
+            found.append((hit["step"], -hit["value"], name, hit))
+    if not found:
         return None
-    r = next(r for r in records if r.step == found["step"])
-    over = sum(1 for v in r.sat_frac if _finite(v) and v >= cfg.saturated_frac)
+    step, _, name, hit = min(found)  # the earliest; of those, the most saturated
     return {
         "kind": "saturated",
-        "layer": worst(r)[1],  # type: ignore[index]
-        "step": found["step"],
+        "layer": name,
+        "step": step,
         "evidence": {
             "quantity": "sat_frac",
-            "fraction": found["value"],
+            "fraction": hit["value"],
             "threshold": cfg.saturated_frac,
-            "layers_over": over,
-            "until": found["until"],
-            "held": found["held"],
+            "layers_over": len(found),
+            "until": hit["until"],
+            "held": hit["held"],
         },
     }
 
@@ -259,7 +263,8 @@ def judge(
     dead: list[dict[str, float] | None] | None = None,
     tbptt: int = 0,
 ) -> list[dict[str, Any]]:
-    """The run's verdicts from its logging steps; ``[healthy]`` when nothing is wrong.
+    """The run's verdicts from its logging steps; ``[healthy]`` when nothing is wrong,
+    none when nothing was logged.
 
     Args:
         layers: depth layer names, input to output (the last one the head).
@@ -271,6 +276,8 @@ def judge(
         tbptt: the truncation length (0: full BPTT).
     """
     out: list[dict[str, Any]] = []
+    if not records and nonfinite is None:
+        return out  # nothing logged (a run stopped before its first log step): no verdict
     if nonfinite is not None:
         out.append(
             {
