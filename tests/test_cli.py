@@ -441,6 +441,13 @@ BAD_INPUT = [
         id="groups-not-dividing-width",
     ),
     pytest.param(["trainer.amp=x"], ["trainer.amp=x", "off", "bf16", "fp16"], id="amp"),
+    pytest.param(["trainer.figure_every=-1"], ["trainer.figure_every=-1"], id="figure-every"),
+    pytest.param(["diagnose.dead_frac=2"], ["diagnose.dead_frac=2.0", "(0, 1]"], id="dead-frac"),
+    pytest.param(
+        ["diagnose.vanishing_ratio=2"],
+        ["diagnose.vanishing_ratio=2.0", "vanishing_ratio < 1 < exploding_ratio"],
+        id="vanishing-ratio",
+    ),
     pytest.param(
         ["activation.name=xx"], ["activation.name=xx", "sigmoid", "leaky_relu"], id="act-name"
     ),
