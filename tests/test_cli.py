@@ -478,6 +478,22 @@ def test_bad_input_fails_in_one_line(tmp_path: Path, bad: list[str], fragments: 
     assert not run_dir.exists(), "a rejected command must leave no run directory"
 
 
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    # A width the allocator refuses: passes every check, fails building the model.
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        ["train", "-m", *TINY, "model.width=1000000000000,8", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, describe(proc)
+    failed, ok = sorted(p for p in sweep.iterdir() if p.is_dir())
+    summary = load_summary(failed)
+    assert summary["status"] == "failed" and summary["verdicts"] == []
+    assert summary["error"].startswith("RuntimeError:") and "allocate" in summary["error"]
+    assert f"gradexp: job 0 failed: {summary['error']}" in proc.stderr
+    assert load_summary(ok)["status"] == "completed"  # the job after it ran
+
+
 def test_bad_sweep_fails_before_any_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(

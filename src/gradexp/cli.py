@@ -52,16 +52,27 @@ def fail(message: str, code: int = 2) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def _train_app(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from gradexp.config import to_config
-    from gradexp.train import NonFiniteError, run
+    from gradexp.train import NonFiniteError, record_failure, run
 
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        summary = run(to_config(cfg), output_dir)
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:  # on_nonfinite=raise
         fail(str(e), code=1)
+    except Exception as e:
+        # A job of a sweep that raises is recorded and the sweep goes on; a single run
+        # keeps its traceback (a crash is a bug to report, not bad input).
+        error = record_failure(output_dir, e)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
+        return "failed"
     if summary["status"] == "interrupted":
         raise SystemExit(130)
     # The launcher's return value: Hydra's multirun keeps it; optuna reads a float.

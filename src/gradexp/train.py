@@ -557,6 +557,21 @@ def run(
     return result
 
 
+def record_failure(output_dir: Path, exc: BaseException) -> str:
+    """Make sure a run that raised has a summary.json saying so; returns the error line.
+
+    A run that got as far as its training loop has written its own (status failed);
+    one that failed before (building the model, loading data) gets a minimal one.
+    """
+    error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    path = Path(output_dir) / SUMMARY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"status": "failed", "error": error, "steps": 0, "verdicts": []}
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+    return error
+
+
 def locate_nonfinite(layers: LayerMap, step: int, bad_layers: torch.Tensor) -> dict[str, Any]:
     """Step and layer of the first non-finite gradient, once a check has found one.
 
