@@ -90,6 +90,35 @@ def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
     return [list(job) for job in itertools.islice(itertools.product(*axes), MAX_JOBS)], True
 
 
+# Hydra plugin options: (the plugin's module under hydra_plugins, gradexp's extra).
+PLUGINS = {
+    "hydra/launcher": {
+        "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+        "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+        "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+        "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    },
+    "hydra/sweeper": {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna")},
+}
+
+
+def check_plugins(args: list[str]) -> None:
+    """A launcher or sweeper whose Hydra plugin is not installed: one line saying which
+    extra installs it (Hydra would list the options it has over several lines)."""
+    import importlib.util
+
+    for arg in _parse_args(args).overrides:
+        group, _, option = arg.partition("=")
+        plugin = PLUGINS.get(group, {}).get(option)
+        if plugin is None:
+            continue
+        module, extra = plugin
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{arg}: its Hydra plugin is not installed; pip install 'gradexp[{extra}]'"
+            )
+
+
 def check_output_root(args: list[str], multirun: bool) -> None:
     """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -119,6 +148,7 @@ def _check_names(cfg: Config, config_dir: str) -> None:
 
 def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
     """Raise ConfigError (one line) if any job of this command line would fail to compose."""
+    check_plugins(args)
     jobs, multirun = job_overrides(args)
     gpus: set[str] = set()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
