@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="train one configuration, or a sweep with -m (Hydra overrides: key=value ...)",
     )
+    sub.add_parser(
+        "report",
+        add_help=False,
+        help="compare finished runs: one table row per run (PATH... [--sort KEY] [--csv FILE]"
+        " [--markdown FILE] [--png FILE])",
+    )
     return parser
 
 
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if argv[0] == "train":
         return _train(argv[1:])
+    if argv[0] == "report":
+        from gradexp.report import main as report
+
+        raise SystemExit(report(argv[1:]))
     parser.parse_args(argv)  # prints help, version, or an error naming the commands
 
 

@@ -326,6 +326,8 @@ class TrainerConfig:
     threads: int = 1  # torch threads for this run; 0 keeps torch's default (all cores)
     progress: str = "auto"  # auto | rich | plain | off
     figure_every: int = 500  # gradient-flow figure to TensorBoard (0: only the PNG at the end)
+    checkpoint_every: int = 0  # also save checkpoint.pt every N steps (always: stop and end)
+    resume: bool = False  # continue the run in this run dir from its checkpoint.pt
 
 
 @dataclass
@@ -458,6 +460,8 @@ def validate(cfg: Config) -> None:
     _positive(t.log_every, "trainer.log_every")
     _positive(t.hist_every, "trainer.hist_every")
     _positive(t.eval_every, "trainer.eval_every")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every}: must be >= 0")
     if t.figure_every < 0:
         raise ConfigError(f"trainer.figure_every={t.figure_every}: must be >= 0 (0: end only)")
     d = cfg.diagnose

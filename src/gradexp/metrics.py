@@ -54,8 +54,10 @@ class TensorBoardLogger:
     telemetry on CPU (see ENGINEERING.md).
     """
 
-    def __init__(self, log_dir: Path, layout: dict[str, Any] | None = None) -> None:
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(
+        self, log_dir: Path, layout: dict[str, Any] | None = None, purge_step: int | None = None
+    ) -> None:
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         if layout:
             self.writer.add_custom_scalars(layout)
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -306,6 +307,15 @@ class DeadUnits:
             self.died[k] |= now
             self.streak[k] = torch.where(now, self.streak[k] + 1, 0)
             self.updates[k] += 1
+
+    def state(self) -> dict[str, Any]:
+        """For a checkpoint."""
+        return {k: getattr(self, k) for k in ("updates", "streak", "died", "recovered")}
+
+    def load_state(self, state: dict[str, Any], device: torch.device) -> None:
+        self.updates = list(state["updates"])
+        for key in ("streak", "died", "recovered"):
+            setattr(self, key, [None if v is None else v.to(device) for v in state[key]])
 
     def result(self) -> list[dict[str, float] | None]:
         """Per layer: shares of its units that ever died, came back after dying, and are

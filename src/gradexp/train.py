@@ -9,6 +9,7 @@ transfer, and a step that does not log never waits for the device (on CUDA).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,9 @@ import torch
 from rich.console import Console
 
 from gradexp import figures
+from gradexp.checkpoint import CHECKPOINT_FILE, StopOnSignal
+from gradexp.checkpoint import load as load_checkpoint
+from gradexp.checkpoint import save as save_checkpoint
 from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite
 from gradexp.data import Dataset, load_data
@@ -235,6 +239,17 @@ class History:
     def names(self) -> list[str]:
         return [tag.split("_", 1)[1] for tag in self.tags]
 
+    def state(self) -> dict[str, Any]:
+        """For a checkpoint: plain containers only."""
+        records = [dataclasses.asdict(r) for r in self.records]
+        return {"first": self.first, "last": self.last, "time_steps": self.time_steps,
+                "records": records}  # fmt: skip
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.first, self.last = state["first"], state["last"]
+        self.time_steps = state["time_steps"]
+        self.records = [Record(**r) for r in state["records"]]
+
 
 def _ratio(values: list[float]) -> float:
     return values[0] / values[-1] if values[-1] else math.nan
@@ -288,10 +303,14 @@ def run(
     # L1 acts on the Linear/Conv/RNN weights only, not on norm gains or PReLU slopes.
     weights = [w for _, ws, _ in weights_and_biases(model) for w in ws]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
+    checkpoint = output_dir / CHECKPOINT_FILE
+    resumed = resume_state(checkpoint, t.steps) if t.resume else None
+    start_step = resumed["step"] if resumed else 0
     if logger is None:
         layout = custom_scalars_layout([tag for tag, _ in traced], health_quantities(acts))
-        logger = TensorBoardLogger(output_dir, layout)
-    for note in notes:
+        # Resuming: TensorBoard drops what the first writer logged from start_step on.
+        logger = TensorBoardLogger(output_dir, layout, purge_step=start_step or None)
+    for note in notes if not resumed else []:
         logger.text("run/notes", note, 0)
     theory: dict[str, Any] | None = None
     jacobian: dict[str, Any] | None = None
@@ -359,10 +378,51 @@ def run(
     snapshot: list[torch.Tensor] | None = None
     momentum_sgd = momentum_buffers(optimizer, layers.params) is not None
     skipped = 0
-    status, error, steps_done = "completed", None, 0
+    status, error, steps_done = "completed", None, start_step
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        history.load_state(resumed["history"])
+        dead_units.load_state(resumed["dead_units"], device)
+        last.update(resumed["last"])
+        first_bad_step = resumed["first_bad_step"].to(device)
+        first_bad_layers = resumed["first_bad_layers"].to(device)
+        grads_checked, skipped = resumed["grads_checked"], resumed["skipped"]
+        theory, jacobian = resumed["theory"], resumed["jacobian"]
+        theory_logged = True
+        batches.set_state(resumed["batches"].to(batches.get_state().device))
+        torch.set_rng_state(resumed["torch_rng"])
+        if resumed["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+        file_log.info("resumed at step %d from %s", start_step, checkpoint)
+
+    def checkpoint_state() -> dict[str, Any]:
+        """Everything the next step depends on (see gradexp.checkpoint)."""
+        return {
+            "step": steps_done,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "batches": batches.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "history": history.state(),
+            "dead_units": dead_units.state(),
+            "last": dict(last),
+            "first_bad_step": first_bad_step,
+            "first_bad_layers": first_bad_layers,
+            "grads_checked": grads_checked,
+            "skipped": skipped,
+            "theory": theory,
+            "jacobian": jacobian,
+        }
+
     progress = ProgressReporter(t.progress, t.steps, console)
     start = time.perf_counter()
-    log_time, log_step = start, -1
+    log_time, log_step = start, start_step - 1
 
     def summary() -> dict[str, Any]:
         wall = time.perf_counter() - start
@@ -390,10 +450,18 @@ def run(
             "notes": notes,
         }
 
+    # Between two steps the state is whole: a signal stops the loop there (and is saved).
+    stopper = StopOnSignal().__enter__()
+    consistent = True
     try:
-        theory = initial_theory(cfg, model, data, logger)
-        jacobian = initial_jacobian(cfg, model, data, logger)
-        for step in range(t.steps):
+        if not resumed:
+            theory = initial_theory(cfg, model, data, logger)
+            jacobian = initial_jacobian(cfg, model, data, logger)
+        for step in range(start_step, t.steps):
+            if stopper.signum is not None:
+                status = "interrupted"
+                file_log.info("signal %d: stopping before step %d", stopper.signum, step)
+                break
             final = step == t.steps - 1
             hist_now = step % t.hist_every == 0
             eval_now = step % t.eval_every == 0 or final
@@ -538,13 +606,18 @@ def run(
                     table = theory_markdown(history.names(), theory, first)
                     logger.text("theory/vs_measured", table, first.step)
                     theory_logged = True
-    except KeyboardInterrupt:
-        status = "interrupted"
+            if t.checkpoint_every and steps_done % t.checkpoint_every == 0:
+                save_checkpoint(checkpoint, checkpoint_state())
+    except KeyboardInterrupt:  # a second Ctrl-C: mid-step, nothing consistent to save
+        status, consistent = "interrupted", False
     except Exception as e:
-        status, error = "failed", f"{type(e).__name__}: {e}"
+        status, error, consistent = "failed", f"{type(e).__name__}: {e}", False
         raise
     finally:
+        stopper.__exit__()
         progress.close()
+        if consistent:
+            save_checkpoint(checkpoint, checkpoint_state())
         result = summary()
         _finish(logger, cfg, result, output_dir, metric_tags, draw)
     if status == "diverged" and t.on_nonfinite.name == "raise":
@@ -555,6 +628,20 @@ def run(
     print_summary(result, console)
     file_log.info(status_line(result))
     return result
+
+
+def resume_state(checkpoint: Path, steps: int) -> dict[str, Any]:
+    """The checkpoint a resumed run continues from; ConfigError when there is none to
+    continue (no checkpoint, or one already at the last step)."""
+    if not checkpoint.is_file():
+        raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
+    state = load_checkpoint(checkpoint)
+    if state["step"] >= steps:
+        raise ConfigError(
+            f"trainer.resume=true: {checkpoint} is at step {state['step']} of {steps}:"
+            " nothing to resume (raise trainer.steps to train on)"
+        )
+    return state
 
 
 def record_failure(output_dir: Path, exc: BaseException) -> str:

@@ -1,0 +1,600 @@
+"""``gradexp report``: one table, and optionally one figure, comparing many finished runs.
+
+Reads only what the runs left on disk (summary.json, .hydra/overrides.yaml): no torch,
+and matplotlib only for ``--png``, so a report over a large sweep takes a moment. A run
+that was killed half-way or left a damaged summary still gets its row and a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gradexp import figures
+from gradexp.display import VERDICT_STYLE, _fmt
+
+# As in gradexp.train, which cannot be imported here: it imports torch.
+SUMMARY_FILE = "summary.json"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+EVENTS_PREFIX = "events.out.tfevents."
+
+NO_SUMMARY = "no summary"
+CORRUPT_SUMMARY = "corrupt summary"
+
+# Overrides that change how a run is executed or where it is written, not what it
+# measures: never a column.
+IGNORED_OVERRIDES = ("trainer.progress", "trainer.device", "trainer.threads")
+IGNORED_PREFIX = "hydra."
+
+METRICS = ("loss/train", "loss/test", "acc/train", "acc/test")
+# Column -> (per-layer quantity, "first" or "last"): first layer over last (the head),
+# at step 0 and at the last logged step. Short names: they are headers and --sort keys.
+RATIOS = {
+    "grad/0": ("grad_norm", "first"),
+    "grad/last": ("grad_norm", "last"),
+    "bwd/0": ("signal_bwd", "first"),
+    "bwd/last": ("signal_bwd", "last"),
+}
+CAPTION = (
+    "grad, bwd: first layer / last layer of the parameter-gradient norm and of the backward"
+    " signal, at step 0 and at the last logged step"
+)
+# A run name folded to fit a terminal keeps at least this many characters a line.
+MIN_NAME_WIDTH = 12
+
+NUMERIC = ("steps", *METRICS, *RATIOS)
+# Keys a summary has beyond its status, except a failed run's (that stopped before training).
+EXPECTED_KEYS = ("steps", "metrics", "layers", "verdicts")
+
+STATUS_STYLE = {
+    "completed": "green",
+    "diverged": "bold red",
+    "failed": "bold red",
+    "interrupted": "yellow",
+    NO_SUMMARY: "yellow",
+    CORRUPT_SUMMARY: "bold red",
+}
+
+# The --png grid: panels per row, inches per panel, the legend strip under the panels.
+PANELS_PER_ROW = 4
+PANEL_WIDTH, PANEL_HEIGHT, LEGEND_HEIGHT, DPI = 4.0, 3.5, 0.5, 100
+TITLE_CHARS = 48
+# Line style per quantity, color per step (viridis ends, as in the per-run figure).
+FLOW_LINES = (("signal_bwd", "-", "backward signal"), ("grad_norm", "--", "‖∂L/∂W‖"))
+FLOW_STEPS = (("first", 0.0, "step 0"), ("last", figures.CMAP_TOP, "last step"))
+
+
+@dataclass
+class RunRow:
+    """One run directory, as the report reads it.
+
+    Attributes:
+        name: the run's path relative to the report's common root.
+        path: the run directory.
+        overrides: the run's command-line overrides, key -> value, in their order.
+        summary: summary.json; None when it is missing or unreadable.
+        status: the summary's status, or "no summary" / "corrupt summary".
+        problem: what is wrong with, or notable about, the run in one line; None if nothing.
+    """
+
+    name: str
+    path: Path
+    overrides: dict[str, str]
+    summary: dict[str, Any] | None
+    status: str
+    problem: str | None
+
+
+def _is_run(filenames: list[str], dirnames: list[str]) -> bool:
+    return (
+        SUMMARY_FILE in filenames
+        or ".hydra" in dirnames
+        or any(f.startswith(EVENTS_PREFIX) for f in filenames)
+    )
+
+
+def find_runs(paths: Iterable[Path | str]) -> list[Path]:
+    """Every run directory at or below the paths: one with summary.json, .hydra/ or events.
+
+    Args:
+        paths: run directories, sweep directories or whole ``outputs/`` trees.
+
+    Returns:
+        The run directories as absolute paths, each once, sorted.
+
+    Raises:
+        ValueError: a path is not a directory, or no path holds any run.
+    """
+    paths = [Path(p) for p in paths]
+    found: set[Path] = set()
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"{path}: {'not a directory' if path.exists() else 'no such path'}")
+        for dirpath, dirnames, filenames in os.walk(path):
+            if _is_run(filenames, dirnames):
+                found.add(Path(os.path.abspath(dirpath)))
+                dirnames.clear()  # a run holds no other run
+            else:
+                # Hidden folders (.git, caches) hold no runs and may be large.
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    if not found:
+        where = ", ".join(map(str, paths))
+        raise ValueError(
+            f"no runs under {where} (a run directory holds summary.json, .hydra/"
+            " or a TensorBoard event file)"
+        )
+    return sorted(found)
+
+
+def common_root(runs: Sequence[Path]) -> Path:
+    """The directory the run names are relative to: the runs' common ancestor."""
+    root = Path(os.path.commonpath(runs))
+    # A single run (or one nested in another) would be named "."; name it by its folder.
+    return root.parent if root in runs else root
+
+
+def read_overrides(run: Path) -> dict[str, str]:
+    """The run's overrides from .hydra/overrides.yaml, key -> value; {} when there is none.
+
+    Raises:
+        ValueError: the file exists but is not a YAML list of strings.
+    """
+    path = run / OVERRIDES_FILE
+    if not path.exists():
+        return {}
+    try:
+        items = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # OSError or any YAML error: a damaged file is a note, not a crash
+        raise ValueError(f"unreadable {OVERRIDES_FILE.as_posix()}: {type(e).__name__}") from e
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"{OVERRIDES_FILE.as_posix()} is not a list of key=value")
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key.lstrip("+")] = value  # +key=value and ++key=value add or force a key
+    return overrides
+
+
+def _describe(summary: dict[str, Any]) -> str | None:
+    """The note for a run with a readable summary, or None when it needs none."""
+    status = summary["status"]
+    if status == "failed":
+        return f"failed: {summary.get('error') or 'no error recorded'}"
+    missing = [k for k in EXPECTED_KEYS if k not in summary]
+    if missing:
+        return f"summary.json lacks {', '.join(missing)}"
+    if status == "diverged":
+        where = summary.get("nonfinite") or {}
+        return (
+            f"diverged: non-finite at step {where.get('step', '?')}"
+            f" in layer {where.get('layer') or '?'}"
+        )
+    if status == "interrupted":
+        return f"interrupted after {summary['steps']} steps"
+    return None
+
+
+def load_run(path: Path, root: Path | None = None) -> RunRow:
+    """Read one run directory; never raises for what a run left behind.
+
+    Args:
+        path: the run directory.
+        root: the directory its name is relative to; None names it by its folder.
+
+    Returns:
+        The run's row. ``problem`` says what is wrong: no summary.json (killed or still
+        running), a summary that is not JSON or has no status, a failed, diverged or
+        interrupted run, missing keys, a damaged overrides file.
+    """
+    path = Path(path)
+    name = path.name if root is None else path.relative_to(root).as_posix()
+    problems = []
+    try:
+        overrides = read_overrides(path)
+    except ValueError as e:
+        overrides = {}
+        problems.append(str(e))
+    summary, status = None, NO_SUMMARY
+    file = path / SUMMARY_FILE
+    if not file.exists():
+        problems.insert(0, "no summary.json: the run was killed, or is still running")
+    else:
+        status = CORRUPT_SUMMARY
+        try:
+            loaded = json.loads(file.read_text())
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            problems.insert(0, f"summary.json unreadable: {type(e).__name__}: {e}")
+        else:
+            if isinstance(loaded, dict) and isinstance(loaded.get("status"), str):
+                summary, status = loaded, loaded["status"]
+                note = _describe(summary)
+                if note:
+                    problems.insert(0, note)
+            else:
+                problems.insert(0, "summary.json has no status")
+    return RunRow(name, path, overrides, summary, status, "; ".join(problems) or None)
+
+
+def load_runs(paths: Iterable[Path | str]) -> list[RunRow]:
+    """find_runs, then load_run of each, named relative to their common root."""
+    runs = find_runs(paths)
+    root = common_root(runs)
+    return [load_run(run, root) for run in runs]
+
+
+def varying(rows: Sequence[RunRow]) -> list[str]:
+    """The override keys whose value is not the same in all runs (absent counts as a value).
+
+    Returns:
+        The keys in the order they first appear; never hydra.* or execution-only keys.
+    """
+    keys = dict.fromkeys(k for row in rows for k in row.overrides)
+    return [
+        k
+        for k in keys
+        if k not in IGNORED_OVERRIDES
+        and not k.startswith(IGNORED_PREFIX)
+        and len({row.overrides.get(k) for row in rows}) > 1
+    ]
+
+
+def table_columns(rows: Sequence[RunRow]) -> list[str]:
+    """The report's columns: run, the varying overrides, status, steps, metrics, ratios,
+    verdicts."""
+    return ["run", *varying(rows), "status", "steps", *METRICS, *RATIOS, "verdicts"]
+
+
+def _field(obj: Any, *keys: str | int) -> Any:
+    """obj[k1][k2]..., or None where a key is missing or a value has the wrong type."""
+    for key in keys:
+        if isinstance(key, int):
+            if not isinstance(obj, list) or not -len(obj) <= key < len(obj):
+                return None
+        elif not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _number(x: Any) -> int | float | None:
+    # bool is an int to Python but never a measurement; NaN and inf are stored as null.
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def verdict_kinds(summary: dict[str, Any] | None) -> list[str]:
+    """The kinds of the run's verdicts, each once, in order."""
+    verdicts = _field(summary, "verdicts")
+    if not isinstance(verdicts, list):
+        return []
+    return list(dict.fromkeys(k for v in verdicts if isinstance(k := _field(v, "kind"), str)))
+
+
+def row_values(row: RunRow) -> dict[str, Any]:
+    """Every column's value for the run: str, int, float or None (missing).
+
+    Override keys the run does not have are absent from the dict, i.e. missing.
+    """
+    s = row.summary
+    values: dict[str, Any] = {"run": row.name, **row.overrides}
+    values["status"] = row.status
+    values["steps"] = _number(_field(s, "steps"))
+    for metric in METRICS:
+        values[metric] = _number(_field(s, "metrics", metric))
+    for column, (quantity, when) in RATIOS.items():
+        first = _number(_field(s, "layers", 0, quantity, when))
+        last = _number(_field(s, "layers", -1, quantity, when))
+        values[column] = _ratio(first, last)
+    values["verdicts"] = ",".join(verdict_kinds(s)) or None
+    return values
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    # Numbers by value, override values that read as numbers too (lr=0.01 < lr=0.1,
+    # model.depth=5 < model.depth=20), then text.
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return (1, 0.0, value)
+        return (0, number, "") if math.isfinite(number) else (1, 0.0, value)
+    return (0, value, "")
+
+
+def sort_rows(rows: Sequence[RunRow], key: str, descending: bool = False) -> list[RunRow]:
+    """The rows sorted by one column; ties keep their order, missing values go last.
+
+    Args:
+        rows: the runs.
+        key: a column name (see table_columns).
+        descending: largest first (missing values still last).
+    """
+    present, missing = [], []
+    for row in rows:
+        value = row_values(row).get(key)
+        (missing if value is None else present).append((value, row))
+    present.sort(key=lambda pair: _sort_key(pair[0]), reverse=descending)
+    return [row for _, row in present + missing]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return _fmt(value) if isinstance(value, float) else str(value)
+
+
+def _rich_cell(column: str, value: Any) -> Text:
+    if column == "status":
+        return Text(_cell(value), style=STATUS_STYLE.get(value, ""))
+    if column == "verdicts" and value is not None:
+        kinds = value.split(",")
+        parts = [(k, VERDICT_STYLE.get(k, "bold")) for k in kinds]
+        return Text(",").join(Text(k, style=style) for k, style in parts)
+    # Text, not markup: an override value like model.blocks=[2,2] is not a style.
+    return Text(_cell(value))
+
+
+def rich_table(
+    rows: Sequence[RunRow], columns: Sequence[str], title: str = "", width: int | None = None
+) -> Table:
+    """The report as a rich table, one row per run, numbers as in the per-layer table.
+
+    Args:
+        rows: the runs, in the order to show.
+        columns: the columns (see table_columns); the first is the run's name.
+        title: the table's title; none when empty.
+        width: the width to fit in, if any: the run names are folded first (the
+            override columns say what each run is), then every column shrinks.
+    """
+    table = Table(title=title or None, caption=CAPTION)
+    for column in columns:
+        # Headers broken at "/" and "." ("acc/" over "test"): columns as narrow as
+        # their values.
+        header = column.replace("/", "/\n").replace(".", ".\n")
+        if column in NUMERIC:
+            table.add_column(header, justify="right", no_wrap=True)
+        else:
+            table.add_column(header, overflow="fold")
+    for row in rows:
+        values = row_values(row)
+        table.add_row(*(_rich_cell(c, values.get(c)) for c in columns))
+    if width is not None:
+        excess = natural_width(table) - width
+        longest = max((len(row.name) for row in rows), default=0)
+        if excess > 0 and longest > MIN_NAME_WIDTH:
+            table.columns[0].max_width = max(MIN_NAME_WIDTH, longest - excess)
+    return table
+
+
+def natural_width(table: Table) -> int:
+    """How wide the table is when nothing is folded."""
+    console = Console(width=10**4)
+    return console.measure(table).maximum
+
+
+def write_csv(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> None:
+    """The report as CSV: a header, one line per run, numbers at full precision, missing
+    values empty. Makes parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            values = row_values(row)
+            writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
+
+
+def markdown_table(rows: Sequence[RunRow], columns: Sequence[str]) -> str:
+    """The report as a Markdown table, numbers formatted as in the rich table."""
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = "|" + "".join("---:|" if c in NUMERIC else "---|" for c in columns)
+    body = [line(_cell(row_values(row).get(c)) for c in columns) for row in rows]
+    return "\n".join([line(columns), align, *body])
+
+
+def write_markdown(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> None:
+    """markdown_table written to a file, making parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown_table(rows, columns) + "\n")
+
+
+def panel_title(row: RunRow, keys: Sequence[str]) -> str:
+    """A run's --png panel title: its varying overrides (else its name), then status and
+    verdict kinds."""
+    shown = " ".join(f"{k}={row.overrides[k]}" for k in keys if k in row.overrides)
+    outcome = ": ".join([row.status, *filter(None, [",".join(verdict_kinds(row.summary))])])
+    return "\n".join([textwrap.fill(shown or row.name, TITLE_CHARS), outcome])
+
+
+def grid_shape(panels: int) -> tuple[int, int]:
+    """(rows, columns) of the --png grid for this many panels."""
+    columns = min(max(panels, 1), PANELS_PER_ROW)
+    return math.ceil(max(panels, 1) / columns), columns
+
+
+def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> None:
+    """One PNG with every run's gradient flow, a small panel per run, in the rows' order.
+
+    Each panel: x = layer in depth order; log y = the backward signal (solid) and the
+    parameter-gradient norm (dashed) at step 0 and at the last logged step
+    (summary.json's ``layers``). A run without layers gets an empty panel saying so.
+    The PNG is PANEL_WIDTH x PANEL_HEIGHT inches a panel, PANELS_PER_ROW to a row, plus
+    LEGEND_HEIGHT, at DPI.
+
+    Args:
+        rows: the runs.
+        keys: the override keys to title the panels with (see varying).
+        path: the PNG to write; parent directories are made.
+
+    Raises:
+        ImportError: matplotlib is missing (check figures.missing_dependency() first).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = grid_shape(len(rows))
+    size = (PANEL_WIDTH * n_cols, PANEL_HEIGHT * n_rows + LEGEND_HEIGHT)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
+    cmap = colormaps["viridis"]
+    for ax, row in zip(axes, rows):
+        ax.set_title(panel_title(row, keys), fontsize=8)
+        layers = _field(row.summary, "layers")
+        if not isinstance(layers, list) or not layers:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"no layers ({row.status})", ha="center", va="center")
+            continue
+        x = range(len(layers))
+        for quantity, style, label in FLOW_LINES:
+            for when, shade, step_label in FLOW_STEPS:
+                ys = [_number(_field(layer, quantity, when)) for layer in layers]
+                ax.plot(
+                    x,
+                    figures._positive(ys),
+                    style,
+                    color=cmap(shade),
+                    lw=1.3,
+                    marker=figures._marker(len(layers)),
+                    ms=2,
+                    label=f"{label}, {step_label}",
+                )
+        names = [str(_field(layer, "name") or i) for i, layer in enumerate(layers)]
+        figures._layer_ticks(ax, names)
+        ax.xaxis.label.set_fontsize(7)
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        figures._finish_log_axis(ax)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in axes[len(rows) :]:
+        ax.remove()
+    handles = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    if handles:
+        fig.legend(handles=list(handles.values()), loc="outside lower center", ncols=4, fontsize=8)
+    figures.save_png(fig, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradexp report",
+        description="Compare finished runs: one row per run, the overrides that differ"
+        " between them, status, steps, final loss and accuracy, the first-layer/head"
+        " ratios of gradient norm and backward signal at step 0 and at the last logged"
+        " step, and the verdicts.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="a run directory, a sweep (multirun) directory, or a whole outputs/ tree",
+    )
+    parser.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="sort by this column: any column name, e.g. acc/test, status, or an override"
+        " key such as init; numbers by value, missing values last (default: by path)",
+    )
+    parser.add_argument(
+        "--desc", action="store_true", help="sort in descending order (missing values last)"
+    )
+    parser.add_argument(
+        "--csv", type=Path, metavar="FILE", help="also write the table as CSV (full precision)"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, metavar="FILE", help="also write the table as Markdown"
+    )
+    parser.add_argument(
+        "--png",
+        type=Path,
+        metavar="FILE",
+        help="also draw every run's gradient flow, one panel per run (needs matplotlib)",
+    )
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"gradexp: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gradexp report``: print the table, write the files asked for.
+
+    Args:
+        argv: the arguments after ``report``; None reads sys.argv.
+
+    Returns:
+        The exit status: 0, or 2 for bad input (no runs, a missing path, an unknown
+        --sort key, a file that cannot be written), with one line on stderr.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        rows = load_runs(args.paths)
+    except ValueError as e:
+        return _error(str(e))
+    columns = table_columns(rows)
+    if args.sort is not None and args.sort not in columns:
+        return _error(f"--sort {args.sort}: unknown column; choose from {', '.join(columns)}")
+    if args.sort is not None or args.desc:
+        rows = sort_rows(rows, args.sort or "run", args.desc)
+
+    root = common_root([row.path for row in rows])
+    title = f"{len(rows)} run(s) in {root}"
+    console = Console()
+    if console.is_terminal:
+        table = rich_table(rows, columns, title, width=console.width)
+    else:  # a log or a pipe: the whole table, never folded
+        table = rich_table(rows, columns, title)
+        console = Console(width=max(console.width, natural_width(table)))
+    console.print(table)
+    for row in rows:
+        if row.problem:
+            console.print(Text(f"note: {row.name}: {row.problem}"))
+
+    try:
+        if args.csv:
+            write_csv(args.csv, rows, columns)
+        if args.markdown:
+            write_markdown(args.markdown, rows, columns)
+    except OSError as e:
+        return _error(f"cannot write {e.filename}: {e.strerror}")
+    if args.png:
+        missing = figures.missing_dependency()
+        if missing:
+            print(missing, file=sys.stderr)
+        else:
+            try:
+                flow_grid_png(rows, varying(rows), args.png)
+            except OSError as e:
+                return _error(f"cannot write {e.filename}: {e.strerror}")
+    return 0
