@@ -37,7 +37,7 @@ CORRUPT_SUMMARY = "corrupt summary"
 
 # Overrides that change how a run is executed or where it is written, not what it
 # measures: never a column.
-IGNORED_OVERRIDES = ("trainer.progress", "trainer.device", "trainer.threads")
+IGNORED_OVERRIDES = ("trainer.progress", "trainer.device", "trainer.threads", "trainer.resume")
 IGNORED_PREFIX = "hydra."
 
 METRICS = ("loss/train", "loss/test", "acc/train", "acc/test")
