@@ -291,10 +291,8 @@ def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
     for number, (job, init) in enumerate(zip(jobs, ("xavier_normal", "kaiming_normal"))):
         prefix, _, overrides = job.name.partition("_")
         assert prefix == str(number)
-        items = overrides.split(",")
-        assert f"init={init}" in items
-        assert "model.depth=3" in items
-        assert not any(i.startswith("trainer.progress") for i in items), job.name
+        # named by the job number and what varies: the shared TINY keys are left out
+        assert overrides == f"init={init}", job.name
         summary = load_summary(job)
         assert summary["status"] == "completed"
         acc = Run(proc, job).events  # exactly one event file, readable

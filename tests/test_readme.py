@@ -88,7 +88,7 @@ def test_every_readme_command_runs(tmp_path: Path):
     assert len(runs) >= 8, runs
     status = {run.name: load_summary(run)["status"] for run in runs}
     # README: ReLU with N(0, 1) weights explodes (a result, exit 0); every other run completes.
-    assert status.pop("0_activation=relu,init=normal") == "diverged"
+    assert status.pop("0_init=normal") == "diverged"  # jobs named by what varies
     assert set(status.values()) == {"completed"}, status
 
     # `tensorboard --logdir outputs` lists every run, by its directory name.

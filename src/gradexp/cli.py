@@ -85,11 +85,12 @@ def _train(args: list[str]) -> None:
 
         print(f"gradexp {__version__} (Hydra {hydra_pkg.__version__})")
         return
-    from gradexp.preflight import preflight
+    from gradexp.preflight import preflight, sweep_name_args
 
     if not any(a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args):
         try:
             preflight(args, CONFIG_DIR)
+            args = [*args, *sweep_name_args(args)]
         except ConfigError as e:
             fail(str(e))
     sys.argv = [sys.argv[0], *args]

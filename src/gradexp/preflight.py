@@ -119,6 +119,26 @@ def check_plugins(args: list[str]) -> None:
             )
 
 
+# Never in a run directory's name: they do not change what a run computes.
+UNNAMED_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.resume")
+
+
+def sweep_name_args(args: list[str]) -> list[str]:
+    """For a sweep: the override that leaves the keys every job shares out of the job
+    directory names, so a job is named by its number and what varies (0_init=normal)."""
+    jobs, multirun = job_overrides(args)
+    if not multirun or len(jobs) < 2:
+        return []
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    shared = [key for key, seen in values.items() if len(seen) == 1]
+    keys = ",".join(dict.fromkeys([*UNNAMED_KEYS, *shared]))
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
+
+
 def check_output_root(args: list[str], multirun: bool) -> None:
     """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
