@@ -125,9 +125,12 @@ UNNAMED_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "traine
 
 def sweep_name_args(args: list[str]) -> list[str]:
     """For a sweep: the override that leaves the keys every job shares out of the job
-    directory names, so a job is named by its number and what varies (0_init=normal)."""
+    directory names, so a job is named by its number and what varies (0_init=normal;
+    for an experiment, the keys its own sweep varies)."""
     jobs, multirun = job_overrides(args)
-    if not multirun or len(jobs) < 2:
+    # An experiment's sweep is in its config: every key of the command line is shared.
+    experiment = any(o.split("=", 1)[0] == "experiment" for o in jobs[0])
+    if not multirun or (len(jobs) < 2 and not experiment):
         return []
     values: dict[str, set[str]] = {}
     for job in jobs:
