@@ -590,8 +590,8 @@ def test_train_help_lists_every_group_and_option(tmp_path: Path) -> None:
         m = re.fullmatch(r"([\w/]+): (\w+(?:, \w+)*)", line.strip())
         if m:
             listed[m[1]] = m[2].split(", ")
-    assert set(listed) == set(GROUPS), listed
-    for group in GROUPS:
+    assert set(listed) == {*GROUPS, "experiment"}, listed
+    for group in (*GROUPS, "experiment"):
         assert sorted(listed[group]) == group_options(group), group
     assert {"sigmoid", "relu", "tanh"} <= set(listed["activation"])
     assert {"normal", "xavier_normal", "kaiming_normal"} <= set(listed["init"])
