@@ -172,6 +172,19 @@ def composed(*overrides: str) -> Any:
     return to_config(cfg)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, as the trainer's default (trainer.threads=1): the test nets are
+    tiny, and with two, OpenMP threads spinning against a process beside us make them
+    ~10x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``cli(args, cwd)``: run ``gradexp ARGS`` in a subprocess; a CompletedProcess."""

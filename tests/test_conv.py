@@ -7,16 +7,13 @@ import dataclasses
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-import gradexp
-from conftest import Run, describe, train
+from conftest import Run, composed, describe, train
 from gradexp import config as C
 from gradexp.data import DataSpec
 from gradexp.fold import batchnorm_pairs
@@ -32,7 +29,6 @@ from gradexp.models import create_model
 from gradexp.models.residual import NFBlock
 from gradexp.telemetry import LayerMap
 
-CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 C.register_configs()
 
 RELU_GAMMA = math.sqrt(2 / (1 - 1 / math.pi))
@@ -54,13 +50,6 @@ LAYERS = {
 IMAGES = ("data=synthetic_images", "data.size=8", "data.channels=3", "activation=relu")
 VECTORS = ("data=synthetic", "data.features=6", "data.classes=4")
 ACTIVATIONS = ("relu", "tanh", "prelu")
-
-
-@functools.cache
-def composed(*overrides: str) -> C.Config:
-    """The typed, validated config for these overrides (cached: compose is slow)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return C.to_config(compose("config", overrides=list(overrides)))
 
 
 @functools.cache

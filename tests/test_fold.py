@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import functools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import gradexp
+from conftest import composed
 from gradexp import config as C
 from gradexp.data import DataSpec
 from gradexp.fold import batchnorm_pairs, fold_batchnorm
@@ -22,7 +19,6 @@ from gradexp.layers import WSConv2d
 from gradexp.models import create_model
 from gradexp.telemetry import LayerMap
 
-CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 C.register_configs()
 
 VECTORS = ("data=synthetic", "data.features=6", "data.classes=4")
@@ -47,12 +43,6 @@ PAIRS = {
         ("blocks.1.shortcut.0", "blocks.1.shortcut.1"),
     ],
 }
-
-
-@functools.cache
-def composed(*overrides: str) -> C.Config:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return C.to_config(compose("config", overrides=list(overrides)))
 
 
 def trained(name: str, steps: int = 5) -> tuple[nn.Module, tuple[int, ...]]:

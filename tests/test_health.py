@@ -33,12 +33,7 @@ from gradexp.verdicts import KINDS
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def built(*overrides: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

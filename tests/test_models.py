@@ -8,7 +8,6 @@ composed once and the combinations are assembled from the composed groups.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -17,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
 
 import gradexp
+from conftest import composed
 from gradexp import config as C
 from gradexp.clipping import Clipper
 from gradexp.data import DATASETS, DataSpec, load_data
@@ -53,14 +52,6 @@ C.register_configs()  # the schemas the option files name (idempotent)
 
 # Options that need another choice to make sense (weight standardization is for convs).
 CONTEXT = {("norm", "weight_std"): ("model=cnn",)}
-
-
-@functools.cache
-def composed(*overrides: str) -> C.Config:
-    """The typed, validated config for these overrides (cached: compose is slow)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return C.to_config(cfg)
 
 
 def group_cfg(group: str, option: str):

@@ -11,16 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-import gradexp
-from conftest import Run, scalar_series, train
+from conftest import Run, composed, scalar_series, train
 from gradexp import config as C
 from gradexp.data import DataSpec
 from gradexp.init import init_weights
@@ -28,7 +25,6 @@ from gradexp.models import create_model
 from gradexp.models.recurrent import RecurrentNet, as_sequence, sequence_shape
 from gradexp.telemetry import LayerMap, TimeProbe
 
-CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 C.register_configs()
 
 HIDDEN = 6  # units of the default test nets
@@ -36,21 +32,7 @@ ADDING_T = 12  # time steps of the default test sequences
 FEATURES = 2  # the adding problem's (value, marker) channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: one torch thread is faster, and fair to processes beside us."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def composed(*overrides: str) -> C.Config:
-    """The typed, validated config for these overrides (cached: compose is slow)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return C.to_config(cfg)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def regression_spec(steps: int = ADDING_T, features: int = FEATURES) -> DataSpec:

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-import gradexp
+from conftest import composed
 from gradexp import config as C
 from gradexp.data import Dataset, DataSpec, load_data
 from gradexp.init import INITS, init_weights
@@ -31,26 +28,10 @@ from gradexp.theory import (
     weight_variance,
 )
 
-CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 C.register_configs()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the trainer's default (trainer.threads=1): with two, OpenMP
-    threads spinning against a process beside us make these nets ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.cache
-def composed(*overrides: str) -> C.Config:
-    """The typed, validated config for these overrides (cached: compose costs ~0.2 s, so
-    each option is composed once and configs are assembled from the options)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return C.to_config(compose("config", overrides=list(overrides)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def option(group: str, name: str, **fields: Any) -> Any:
