@@ -340,20 +340,6 @@ def run(
         ]
         return figures.flow_figure(history.names(), snapshots, theory, title)
 
-    def verdicts() -> list[dict[str, Any]]:
-        first = nonfinite
-        if first is None and int(first_bad_step) >= 0:  # skipped steps: checked every step
-            first = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
-        return judge(
-            history.names(),
-            history.records,
-            cfg.diagnose,
-            nonfinite=first,
-            skipped=skipped,
-            dead=dead_units.result(),
-            tbptt=t.tbptt,
-        )
-
     file_log.info("start: %s on %s, writing to %s", hparams_of(cfg), device, output_dir)
     history = History(layers.tags)
     # The final metrics this run can have, for the HParams tab (no accuracy for a
@@ -429,14 +415,24 @@ def run(
         first = nonfinite
         if first is None and int(first_bad_step) >= 0:  # skipped steps: checked every step
             first = locate_nonfinite(layers, int(first_bad_step), first_bad_layers)
+        dead = dead_units.result()
         per_layer = history.layers()
-        for entry, dead in zip(per_layer, dead_units.result()):
-            entry["dead_units"] = dead
+        for entry, layer_dead in zip(per_layer, dead):
+            entry["dead_units"] = layer_dead
+        verdicts = judge(
+            history.names(),
+            history.records,
+            cfg.diagnose,
+            nonfinite=first,
+            skipped=skipped,
+            dead=dead,
+            tbptt=t.tbptt,
+        )
         return {
             "status": status,
             "error": error,
             "steps": steps_done,
-            "verdicts": verdicts(),
+            "verdicts": verdicts,
             "metrics": {k: last[k] for k in FINAL_METRICS if k in last},
             "layers": per_layer,
             "time": history.time(),
