@@ -451,7 +451,7 @@ def run(
     consistent = True
     try:
         if not resumed:
-            theory = initial_theory(cfg, model, data, logger)
+            theory = initial_theory(cfg, data, logger)
             jacobian = initial_jacobian(cfg, model, data, logger)
         for step in range(start_step, t.steps):
             if stopper.signum is not None:
@@ -841,9 +841,7 @@ def _finish(
         (output_dir / SUMMARY_FILE).write_text(text + "\n")
 
 
-def initial_theory(
-    cfg: Config, model: torch.nn.Module, data: Dataset, logger: MetricLogger
-) -> dict[str, Any] | None:
+def initial_theory(cfg: Config, data: Dataset, logger: MetricLogger) -> dict[str, Any] | None:
     """The mean-field prediction for this net at init (MLPs without norm), logged as text."""
     try:
         theory = mean_field(
