@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -80,12 +81,15 @@ def test_every_readme_command_runs(tmp_path: Path):
                 cwd=tmp_path, env=cli_env(), capture_output=True, text=True, check=False,
             )  # fmt: skip
         else:
-            proc = run_cli(line.split()[1:], cwd=tmp_path)
+            proc = run_cli(shlex.split(line)[1:], cwd=tmp_path)  # as bash would
         assert proc.returncode == 0, f"README: {line}\n{describe(proc)}"
         assert "Traceback" not in proc.stderr, line
     runs = sorted(p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
-    # the main job, the tutorial's 3 fixes, the 3-job sweep, the depth-30 AGC run
-    assert len(runs) >= 8, runs
+    # the main job, the tutorial's 3 fixes, the 3-job sweep, the depth-30 AGC run, and the
+    # Optuna search's 8 trials
+    assert len(runs) >= 16, runs
+    (optuna,) = (tmp_path / "outputs").rglob("optimization_results.yaml")
+    assert len(list(optuna.parent.glob("*/summary.json"))) == 8
 
     def overrides(run: Path) -> set[str]:
         return set(re.findall(r"^- (\S+)$", (run / ".hydra" / "overrides.yaml").read_text(), re.M))

@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def _dir_suffix(overrides: str) -> str:
 
 OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)
 register_configs()
+# configs/hydra/launcher/ray.yaml lists the Ray launcher's keys a user sets; Hydra merges
+# it into the plugin's schema of the same name, as intended, and warns that it does.
+warnings.filterwarnings(
+    "ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema"
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -55,10 +61,15 @@ def _train_app(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
 
     from gradexp.config import to_config
-    from gradexp.train import NonFiniteError, record_failure, run
+    from gradexp.train import NonFiniteError, objective_value, record_failure, run
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    # What an optimizing sweeper (optuna) reads: the objective metric, or a finite
+    # penalty for a run that diverged or failed.
+    maximize = str(hydra_cfg.sweeper.get("direction", "minimize")).lower().endswith("maximize")
+    objective = cfg.get("objective") or {}
+    metric, penalty = objective.get("metric", "loss/test"), objective.get("penalty")
     try:
         summary = run(to_config(cfg), output_dir)
     except ConfigError as e:
@@ -72,11 +83,10 @@ def _train_app(cfg: DictConfig) -> Any:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
-        return "failed"
+        return objective_value(None, metric, penalty, maximize)
     if summary["status"] == "interrupted":
         raise SystemExit(130)
-    # The launcher's return value: Hydra's multirun keeps it; optuna reads a float.
-    return summary["status"]
+    return objective_value(summary, metric, penalty, maximize)
 
 
 def _train(args: list[str]) -> None:

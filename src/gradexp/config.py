@@ -343,6 +343,20 @@ class DiagnoseConfig:
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
 
+# The final metrics a sweeper can optimize (summary.json's "metrics").
+OBJECTIVE_METRICS = ("loss/test", "loss/train", "acc/test", "acc/train")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The number a run returns to a sweeper that optimizes (hydra/sweeper=optuna)."""
+
+    metric: str = "loss/test"  # one of OBJECTIVE_METRICS, its final value
+    # Returned by a run that diverged, failed or ended non-finite. None: 1e6 for a
+    # minimizing sweeper, -1e6 for a maximizing one.
+    penalty: float | None = None
+
+
 @dataclass
 class Config:
     model: Any = MISSING
@@ -354,6 +368,7 @@ class Config:
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
 
 
@@ -476,6 +491,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"diagnose.vanishing_ratio={d.vanishing_ratio}, exploding_ratio="
             f"{d.exploding_ratio}: need vanishing_ratio < 1 < exploding_ratio"
+        )
+    metric = cfg.objective.metric
+    if metric not in OBJECTIVE_METRICS:
+        raise ConfigError(
+            f"objective.metric={metric}: unknown; choose from {', '.join(OBJECTIVE_METRICS)}"
+        )
+    if metric.startswith("acc/") and cfg.data.name == "adding":
+        raise ConfigError(
+            f"objective.metric={metric}: data=adding is a regression (MSE), it has no "
+            "accuracy; choose loss/test or loss/train"
         )
     _positive(cfg.optim.lr, "optim.lr")
     for key in ("weight_decay", "l1"):

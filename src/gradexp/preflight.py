@@ -40,6 +40,9 @@ def _describe(ex: Exception, overrides: list[str]) -> str:
     ):
         keys = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         return f"{cause.full_key}: unknown key; {_group_of(cause.full_key)} has {keys}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.object_type is dict:
+        # A free-form dict (the Ray launcher's init and remote): Hydra adds a key with "+".
+        return f"{cause.full_key}: unknown key; add it with +{cause.full_key}=..."
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
         # The last override of a key is the one that counts (and the bad one).
@@ -65,11 +68,22 @@ def _parse_args(args: list[str]) -> argparse.Namespace:
         raise ConfigError(message)
 
     parser.error = error  # type: ignore[method-assign]
-    return parser.parse_args(args)  # --version etc. print and exit 0, as in Hydra
+    parsed = parser.parse_args(args)  # --version etc. print and exit 0, as in Hydra
+    modes = [
+        flag
+        for flag, given in (("-m", parsed.multirun), ("--cfg", parsed.cfg), ("--info", parsed.info))
+        if given
+    ]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)}: choose one of them")
+    return parsed
 
 
 def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
-    """The task overrides of each job the command line would run, and whether it is a sweep."""
+    """The task overrides of each job the command line would run, and whether it is a sweep.
+
+    A key searched over a range or interval (a sweeper plugin's: optuna) is left out: its
+    values are picked when the sweep runs."""
     parsed = _parse_args(args)
     task = [o for o in parsed.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
@@ -128,9 +142,11 @@ def sweep_name_args(args: list[str]) -> list[str]:
     directory names, so a job is named by its number and what varies (0_init=normal;
     for an experiment, the keys its own sweep varies)."""
     jobs, multirun = job_overrides(args)
-    # An experiment's sweep is in its config: every key of the command line is shared.
+    # An experiment's sweep is in its config, a search's values are the sweeper's: every
+    # key of the command line that job_overrides lists is shared.
     experiment = any(o.split("=", 1)[0] == "experiment" for o in jobs[0])
-    if not multirun or (len(jobs) < 2 and not experiment):
+    searched = any(o.split("=", 1)[0] == "hydra/sweeper" for o in _parse_args(args).overrides)
+    if not multirun or (len(jobs) < 2 and not (experiment or searched)):
         return []
     values: dict[str, set[str]] = {}
     for job in jobs:
@@ -174,12 +190,16 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
     check_plugins(args)
     jobs, multirun = job_overrides(args)
     gpus: set[str] = set()
+    # Hydra's own keys (hydra.*, hydra/launcher=...): checked once, with the first job.
+    hydra_overrides = [o for o in _parse_args(args).overrides if o.lstrip("+~").startswith("hydra")]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for overrides in jobs:
+        for i, overrides in enumerate(jobs):
             try:
+                if i == 0 and hydra_overrides:
+                    compose(config_name, [*hydra_overrides, *overrides], return_hydra_config=True)
                 cfg = compose(config_name, overrides=overrides)
             except (HydraException, OmegaConfBaseException) as e:
-                raise ConfigError(_describe(e, overrides)) from e
+                raise ConfigError(_describe(e, [*hydra_overrides, *overrides])) from e
             typed = to_config(cfg)
             _check_names(typed, config_dir)
             device = typed.trainer.device

@@ -655,6 +655,22 @@ def record_failure(output_dir: Path, exc: BaseException) -> str:
     return error
 
 
+def objective_value(
+    summary: dict[str, Any] | None, metric: str, penalty: float | None, maximize: bool
+) -> float:
+    """The number a run returns to an optimizing sweeper: the final ``metric`` of a
+    completed run, else (diverged, failed, non-finite, missing) a finite penalty that is
+    worse than any real value (1e6, or -1e6 when maximizing) unless ``penalty`` is given."""
+    if penalty is None:
+        penalty = -1e6 if maximize else 1e6
+    if summary is None or summary.get("status") != "completed":
+        return float(penalty)
+    value = summary.get("metrics", {}).get(metric)
+    if value is None or not math.isfinite(value):
+        return float(penalty)
+    return float(value)
+
+
 def locate_nonfinite(layers: LayerMap, step: int, bad_layers: torch.Tensor) -> dict[str, Any]:
     """Step and layer of the first non-finite gradient, once a check has found one.
 
