@@ -63,8 +63,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_interrupted_run_resumes_bit_identical(tmp_path: Path, uninterrupted: Path, signum):
+# The two ways to resume: the same command with trainer.resume=true and the run dir, and
+# `gradexp resume RUN_DIR` (the overrides read back from the run dir).
+@pytest.mark.parametrize(
+    ("signum", "how"),
+    [(signal.SIGTERM, "train"), (signal.SIGINT, "resume")],
+    ids=["SIGTERM-train", "SIGINT-resume"],
+)
+def test_interrupted_run_resumes_bit_identical(tmp_path: Path, uninterrupted: Path, signum, how):
     run_dir = tmp_path / "run"
     stopped = interrupt(run_dir, signum)
     assert stopped.returncode == 130, describe(stopped)
@@ -75,7 +81,11 @@ def test_interrupted_run_resumes_bit_identical(tmp_path: Path, uninterrupted: Pa
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["step"] == summary["steps"]
 
-    proc = run_cli(["train", *CONFIG, f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
+    if how == "train":
+        args = ["train", *CONFIG, f"hydra.run.dir={run_dir}", "trainer.resume=true"]
+    else:
+        args = ["resume", str(run_dir)]
+    proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, describe(proc)
     resumed, whole = load_summary(run_dir), load_summary(uninterrupted)
     assert resumed["status"] == "completed" and resumed["steps"] == 4000
@@ -114,3 +124,55 @@ def test_resume_errors_are_one_line(tmp_path: Path) -> None:
     proc = run_cli(["train", *short, f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr, describe(proc)
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_resume_with_another_config_is_refused_and_loses_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    short = ["model.depth=3", "model.width=8", "trainer.steps=3", "trainer.progress=off"]
+    assert run_cli(["train", *short, f"hydra.run.dir={run_dir}"], tmp_path).returncode == 0
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    changed = [*short, "model.depth=4", "trainer.steps=10"]
+    proc = run_cli(["train", *changed, f"hydra.run.dir={run_dir}", "trainer.resume=true"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "model.depth=4" in line and "trained with model.depth=3" in line
+    assert f"gradexp resume {run_dir}" in line
+    # Hydra has not rewritten the run dir's .hydra/ files: gradexp resume still reads them.
+    assert {
+        p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
+    } == before
+
+
+def test_gradexp_resume_trains_a_sweep_job_on(tmp_path: Path) -> None:
+    """A finished sweep job (its dir name holds "=" and ","), trained on to 10 steps, ends
+    with the parameters of a 10-step run; bad uses of the command are one line."""
+    tiny = ["model.depth=3", "model.width=8", "trainer.progress=off", "activation=relu"]
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", *tiny, "trainer.steps=6", "init=normal,lecun_normal", "seed=1,2"]
+    proc = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    job = sweep / "3_init=lecun_normal,seed=2"
+    proc = run_cli(["resume", str(job), "trainer.steps=10"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    summary = load_summary(job)
+    assert summary["status"] == "completed" and summary["steps"] == 10
+    whole = tmp_path / "whole"
+    proc = run_cli(
+        ["train", *tiny, "trainer.steps=10", "init=lecun_normal", "seed=2",
+         f"hydra.run.dir={whole}"], tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(job / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for bad, fragment in [
+        ([str(tmp_path)], "not a gradexp run dir"),
+        ([str(job), "-m"], "only KEY=VALUE overrides"),
+        ([str(job)], "nothing to resume"),
+        ([], "usage: gradexp resume RUN_DIR"),
+    ]:
+        proc = run_cli(["resume", *bad], tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+        assert fragment in proc.stdout + proc.stderr

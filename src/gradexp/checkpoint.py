@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from gradexp.config import Config, Schedule, flat
+from gradexp.errors import ConfigError
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -59,3 +62,44 @@ class StopOnSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous.clear()
+
+
+# What a resumed run may change: how it runs, not what it computes. trainer.steps may
+# grow (train on) unless a cosine schedule has fixed the run's length.
+RESUME_MAY_CHANGE = (
+    "trainer.steps",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.checkpoint_every",
+    "trainer.figure_every",
+)
+
+
+def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any]:
+    """The checkpoint a resumed run continues from; ConfigError when there is none to
+    continue (no checkpoint, or one already at the last step) or when ``cfg`` differs
+    from the config it was trained with."""
+    steps = cfg.trainer.steps
+    if not checkpoint.is_file():
+        raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
+    state = load(checkpoint)
+    saved, now = state.get("config"), flat(cfg)
+    if saved is not None:
+        may_change = [k for k in RESUME_MAY_CHANGE if cfg.optim.schedule != Schedule.cosine
+                      or k != "trainer.steps"]  # fmt: skip
+        changed = [k for k in now if k not in may_change and saved.get(k) != now[k]]
+        if changed:
+            was = ", ".join(f"{k}={saved.get(k)}" for k in changed)
+            raise ConfigError(
+                f"trainer.resume=true: {', '.join(f'{k}={now[k]}' for k in changed)}, but the "
+                f"run was trained with {was}; resume it with its own config "
+                f"(gradexp resume {checkpoint.parent})"
+            )
+    if state["step"] >= steps:
+        raise ConfigError(
+            f"trainer.resume=true: {checkpoint} is at step {state['step']} of {steps}:"
+            " nothing to resume (raise trainer.steps to train on)"
+        )
+    return state

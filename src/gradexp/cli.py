@@ -107,6 +107,40 @@ def _train(args: list[str]) -> None:
     _train_app()
 
 
+RESUME_USAGE = "usage: gradexp resume RUN_DIR [KEY=VALUE ...]"
+
+
+def _quote(value: str) -> str:
+    """A value for a Hydra override, quoted: run dirs hold "=" and "," (0_init=normal,...)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _resume(args: list[str]) -> None:
+    """Continue an interrupted run (or train a finished one on, trainer.steps=...) in its
+    own run dir, with the overrides it was started with, then ARGS."""
+    if not args or args[0] in ("-h", "--help"):
+        print(RESUME_USAGE)
+        print(
+            "Continue the run in RUN_DIR from its checkpoint.pt, with the overrides it was"
+            " started with (.hydra/overrides.yaml); KEY=VALUE: e.g. trainer.steps=5000 to"
+            " train a finished run on."
+        )
+        raise SystemExit(0 if args else 2)
+    run_dir, extra = Path(args[0]), args[1:]
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        fail(f"{run_dir}: not a gradexp run dir (no .hydra/overrides.yaml); {RESUME_USAGE}")
+    if any(a.startswith("-") for a in extra):
+        fail(f"{' '.join(extra)}: only KEY=VALUE overrides here; {RESUME_USAGE}")
+    given = {a.split("=", 1)[0].lstrip("+~") for a in extra}
+    overrides = [
+        str(o)
+        for o in OmegaConf.load(saved)
+        if str(o).split("=", 1)[0].lstrip("+~") not in {*given, "trainer.resume"}
+    ]
+    _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])
+
+
 def _completion(args: list[str]) -> None:
     # Hydra's completion script calls `gradexp -sc query=bash` with the whole
     # command line in COMP_LINE; drop the subcommand so Hydra sees its own app.
@@ -132,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one configuration, or a sweep with -m (Hydra overrides: key=value ...)",
     )
     sub.add_parser(
+        "resume",
+        add_help=False,
+        help="continue an interrupted run in its run dir (RUN_DIR [KEY=VALUE ...])",
+    )
+    sub.add_parser(
         "report",
         add_help=False,
         help="compare finished runs: one table row per run (PATH... [--sort KEY] [--csv FILE]"
@@ -152,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if argv[0] == "train":
         return _train(argv[1:])
+    if argv[0] == "resume":
+        return _resume(argv[1:])
     if argv[0] == "report":
         from gradexp.report import main as report
 

@@ -9,6 +9,7 @@ This module must not import torch: the CLI imports it to build ``--help``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -460,6 +461,19 @@ def register_configs() -> None:
         for kind, node in kinds.items():
             # Root-level names, not a group: they stay out of `--help`'s group list.
             cs.store(name=f"schema_{group}_{kind}", node=node)
+
+
+def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as {"dotted.key": value} (enums by name): what a checkpoint records of it."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flat(value, f"{key}."))
+        else:
+            out[key] = value.name if isinstance(value, enum.Enum) else value
+    return out
 
 
 def _positive(value: float, key: str) -> None:

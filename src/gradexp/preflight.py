@@ -158,10 +158,34 @@ def sweep_name_args(args: list[str]) -> list[str]:
     return [f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
 
 
+def _given(args: list[str], key: str) -> list[str]:
+    """The values the command line gives ``key``, as Hydra reads them (quotes removed)."""
+    parser = OverridesParser.create()
+    values = []
+    for arg in _parse_args(args).overrides:
+        if arg.split("=", 1)[0].lstrip("+") == key:
+            values.append(str(parser.parse_override(arg).value()))
+    return values
+
+
+def check_resume(args: list[str], cfg: Config) -> None:
+    """trainer.resume=true: the run dir must hold a checkpoint trained with this config.
+    Checked before Hydra rewrites the run dir's .hydra/ files."""
+    given = _given(args, "hydra.run.dir")
+    if not given:
+        raise ConfigError(
+            "trainer.resume=true: name the run to continue, hydra.run.dir=RUN_DIR"
+            " (or: gradexp resume RUN_DIR)"
+        )
+    from gradexp.checkpoint import CHECKPOINT_FILE, resume_state  # torch: only to resume
+
+    resume_state(Path(given[-1]) / CHECKPOINT_FILE, cfg)
+
+
 def check_output_root(args: list[str], multirun: bool) -> None:
     """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    given = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key]
+    given = _given(args, key)
     # Interpolations (${now:...}) resolve later: check the static part of the path.
     target = Path((given[-1] if given else "outputs").split("${")[0] or ".").absolute()
     try:
@@ -202,6 +226,8 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
                 raise ConfigError(_describe(e, [*hydra_overrides, *overrides])) from e
             typed = to_config(cfg)
             _check_names(typed, config_dir)
+            if typed.trainer.resume and not multirun:
+                check_resume(args, typed)
             device = typed.trainer.device
             if device.startswith("cuda"):
                 gpus.add(device)

@@ -25,11 +25,10 @@ import torch
 from rich.console import Console
 
 from gradexp import figures
-from gradexp.checkpoint import CHECKPOINT_FILE, StopOnSignal
-from gradexp.checkpoint import load as load_checkpoint
+from gradexp.checkpoint import CHECKPOINT_FILE, StopOnSignal, resume_state
 from gradexp.checkpoint import save as save_checkpoint
 from gradexp.clipping import Clipper
-from gradexp.config import Amp, Config, OnNonfinite
+from gradexp.config import Amp, Config, OnNonfinite, flat
 from gradexp.data import Dataset, load_data
 from gradexp.display import ProgressReporter, print_summary, status_line
 from gradexp.errors import ConfigError
@@ -304,7 +303,7 @@ def run(
     weights = [w for _, ws, _ in weights_and_biases(model) for w in ws]
     batches = torch.Generator(device=device).manual_seed(cfg.seed)
     checkpoint = output_dir / CHECKPOINT_FILE
-    resumed = resume_state(checkpoint, t.steps) if t.resume else None
+    resumed = resume_state(checkpoint, cfg) if t.resume else None
     start_step = resumed["step"] if resumed else 0
     if logger is None:
         layout = custom_scalars_layout([tag for tag, _ in traced], health_quantities(acts))
@@ -388,6 +387,7 @@ def run(
         """Everything the next step depends on (see gradexp.checkpoint)."""
         return {
             "step": steps_done,
+            "config": flat(cfg),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -626,20 +626,6 @@ def run(
     return result
 
 
-def resume_state(checkpoint: Path, steps: int) -> dict[str, Any]:
-    """The checkpoint a resumed run continues from; ConfigError when there is none to
-    continue (no checkpoint, or one already at the last step)."""
-    if not checkpoint.is_file():
-        raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
-    state = load_checkpoint(checkpoint)
-    if state["step"] >= steps:
-        raise ConfigError(
-            f"trainer.resume=true: {checkpoint} is at step {state['step']} of {steps}:"
-            " nothing to resume (raise trainer.steps to train on)"
-        )
-    return state
-
-
 def record_failure(output_dir: Path, exc: BaseException) -> str:
     """Make sure a run that raised has a summary.json saying so; returns the error line.
 
@@ -708,12 +694,12 @@ def _log_step(
     """Bring one logging step's statistics to the host in one transfer and log them."""
     keys = list(stats)
     # float64: tiny squared norms (a vanished gradient) are not representable in float32.
-    flat = torch.cat([stats[k].detach().double().flatten() for k in keys]).tolist()
+    values = torch.cat([stats[k].detach().double().flatten() for k in keys]).tolist()
     host: dict[str, list[float]] = {}
     offset = 0
     for k in keys:
         n = stats[k].numel()
-        host[k] = flat[offset : offset + n]
+        host[k] = values[offset : offset + n]
         offset += n
 
     weight = [math.sqrt(v) for v in host["weight_sq"]]
