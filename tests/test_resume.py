@@ -4,6 +4,7 @@ bit where an uninterrupted run ends (CPU)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -176,3 +177,46 @@ def test_gradexp_resume_trains_a_sweep_job_on(tmp_path: Path) -> None:
         proc = run_cli(["resume", *bad], tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
         assert fragment in proc.stdout + proc.stderr
+
+
+def test_ctrl_c_stops_a_parallel_sweep_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) during a joblib sweep: the running jobs stop
+    with a checkpoint and summary.json, the job not started yet does not start (and says
+    so), the sweep exits 130 without a traceback; the unstarted job resumes from step 0."""
+    sweep = tmp_path / "sweep"
+    args = [
+        *gradexp_command(), "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        *CONFIG[:-3], "trainer.steps=100000", "trainer.progress=off", "trainer.figure_every=0",
+        "init=normal,lecun_normal,xavier_normal", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    logs = [sweep / "0_init=normal" / "train.log", sweep / "1_init=lecun_normal" / "train.log"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+        log.exists() and "start:" in log.read_text() for log in logs
+    ):
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the training loops
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, err = proc.communicate(timeout=120)
+    stopped = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    assert stopped.returncode == 130, describe(stopped)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == (
+        "gradexp: error: the sweep was stopped: `gradexp resume JOB_DIR` continues a job"
+    )
+    for log in logs:
+        summary = load_summary(log.parent)
+        assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100000
+        saved = torch.load(log.parent / "checkpoint.pt", weights_only=True)
+        assert saved["step"] == summary["steps"]
+    unstarted = sweep / "2_init=xavier_normal"
+    assert load_summary(unstarted)["error"] == "the sweep was stopped before this job started"
+    assert not (unstarted / "checkpoint.pt").exists()
+    proc2 = run_cli(["resume", str(unstarted), "trainer.steps=20"], tmp_path)
+    assert proc2.returncode == 0, describe(proc2)
+    assert load_summary(unstarted)["status"] == "completed"
+    assert load_summary(unstarted)["steps"] == 20

@@ -9,13 +9,15 @@ during the write leaves the previous one intact.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from gradexp.config import Config, Schedule, flat
 from gradexp.errors import ConfigError
@@ -25,6 +27,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically."""
+    import torch  # here: a sweep's driver uses this module without torch
+
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -32,6 +36,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 def load(path: Path) -> dict[str, Any]:
     """The state saved by ``save`` (tensors on the CPU)."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -64,6 +70,65 @@ class StopOnSignal:
         self.previous.clear()
 
 
+# A sweep's driver names a file here; its jobs (in-process or in launcher workers, which
+# inherit the environment) read it.
+SWEEP_STOP_ENV = "GRADEXP_SWEEP_STOP"
+
+
+class SweepStop:
+    """While a sweep runs, SIGINT/SIGTERM stop it cleanly: the running jobs stop between
+    two steps and save a checkpoint (they get the signal too: a terminal's Ctrl-C and
+    SLURM signal every process of the job, and a job in the driver's own process has its
+    StopOnSignal), and the jobs that have not started yet do not start. The stop is a
+    file, so that launcher workers in other processes see it. A second SIGINT interrupts
+    at once."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="gradexp-sweep-"))
+        self.path = self.dir / "stop"
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def stopped(self) -> bool:
+        return self.path.exists()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.stopped:
+            print(
+                f"gradexp: {signal.Signals(signum).name}: stopping the sweep; running jobs"
+                " save a checkpoint, the others do not start (Ctrl-C again: at once)",
+                file=sys.stderr,
+            )
+        self.path.touch()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> SweepStop:
+        os.environ[SWEEP_STOP_ENV] = str(self.path)
+        if threading.current_thread() is threading.main_thread():
+            for sig in StopOnSignal.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        os.environ.pop(SWEEP_STOP_ENV, None)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sweep_stopped() -> bool:
+    """In a sweep's job: has the sweep been stopped?"""
+    path = os.environ.get(SWEEP_STOP_ENV)
+    return bool(path) and Path(path).exists()
+
+
+def stop_sweep() -> None:
+    """In a sweep's job that was interrupted: the jobs after it do not start."""
+    path = os.environ.get(SWEEP_STOP_ENV)
+    if path and Path(path).parent.is_dir():
+        Path(path).touch()
+
+
 # What a resumed run may change: how it runs, not what it computes. trainer.steps may
 # grow (train on) unless a cosine schedule has fixed the run's length.
 RESUME_MAY_CHANGE = (
@@ -77,12 +142,14 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any]:
+def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any] | None:
     """The checkpoint a resumed run continues from; ConfigError when there is none to
     continue (no checkpoint, or one already at the last step) or when ``cfg`` differs
-    from the config it was trained with."""
+    from the config it was trained with. None: a sweep's job that never started."""
     steps = cfg.trainer.steps
     if not checkpoint.is_file():
+        if never_started(checkpoint.parent):
+            return None  # a sweep stopped before this job began: it starts from step 0
         raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
     state = load(checkpoint)
     saved, now = state.get("config"), flat(cfg)
@@ -103,3 +170,15 @@ def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any]:
             " nothing to resume (raise trainer.steps to train on)"
         )
     return state
+
+
+NOT_STARTED = "the sweep was stopped before this job started"
+
+
+def never_started(run_dir: Path) -> bool:
+    """A job that a stopped sweep never started (its summary.json says so)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("status") == "interrupted" and summary.get("error") == NOT_STARTED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -60,16 +61,22 @@ def _train_app(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from gradexp.checkpoint import NOT_STARTED, stop_sweep, sweep_stopped
     from gradexp.config import to_config
     from gradexp.train import NonFiniteError, objective_value, record_failure, run
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # What an optimizing sweeper (optuna) reads: the objective metric, or a finite
     # penalty for a run that diverged or failed.
     maximize = str(hydra_cfg.sweeper.get("direction", "minimize")).lower().endswith("maximize")
     objective = cfg.get("objective") or {}
     metric, penalty = objective.get("metric", "loss/test"), objective.get("penalty")
+    if multirun and sweep_stopped():  # gradexp resume starts it from step 0
+        summary = {"status": "interrupted", "error": NOT_STARTED, "steps": 0, "verdicts": []}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return objective_value(summary, metric, penalty, maximize)
     try:
         summary = run(to_config(cfg), output_dir)
     except ConfigError as e:
@@ -80,12 +87,14 @@ def _train_app(cfg: DictConfig) -> Any:
         # A job of a sweep that raises is recorded and the sweep goes on; a single run
         # keeps its traceback (a crash is a bug to report, not bad input).
         error = record_failure(output_dir, e)
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
         return objective_value(None, metric, penalty, maximize)
     if summary["status"] == "interrupted":
-        raise SystemExit(130)
+        if not multirun:
+            raise SystemExit(130)
+        stop_sweep()  # the jobs after this one do not start; the sweep exits 130
     return objective_value(summary, metric, penalty, maximize)
 
 
@@ -104,7 +113,16 @@ def _train(args: list[str]) -> None:
         except ConfigError as e:
             fail(str(e))
     sys.argv = [sys.argv[0], *args]
-    _train_app()
+    if not any(a in ("-m", "--multirun") for a in args):
+        _train_app()
+        return
+    from gradexp.checkpoint import SweepStop
+
+    with SweepStop() as stop:
+        _train_app()
+        stopped = stop.stopped
+    if stopped:
+        fail("the sweep was stopped: `gradexp resume JOB_DIR` continues a job", code=130)
 
 
 RESUME_USAGE = "usage: gradexp resume RUN_DIR [KEY=VALUE ...]"
