@@ -72,36 +72,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def training_lines() -> list[str]:
+    """The README's commands that train (each is a test of its own, in its own dir); the
+    tutorial table's are run, and their figures checked, by test_tutorial_table_figures."""
+    tutorial = {row[0] for row in tutorial_rows()}
+    return [
+        line
+        for line in gradexp_lines()
+        if line.startswith("gradexp train ")
+        and not any(f in line for f in ("--", "-sc"))
+        and line not in tutorial
+    ]
+
+
+def run_readme_line(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    if "$(" in line:  # eval "$(gradexp train -sc install=bash)": through bash
+        return subprocess.run(
+            ["bash", "-c", line.replace("gradexp", " ".join(gradexp_command()), 1)],
+            cwd=cwd, env=cli_env(), capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    return run_cli(shlex.split(line)[1:], cwd=cwd)  # as bash would split it
+
+
+def overrides(run: Path) -> set[str]:
+    return set(re.findall(r"^- (\S+)$", (run / ".hydra" / "overrides.yaml").read_text(), re.M))
+
+
+def readme_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in (root / "outputs").rglob("summary.json"))
+
+
 @pytest.mark.slow
-def test_every_readme_command_runs(tmp_path: Path):
-    for line in gradexp_lines():
-        if "$(" in line:  # eval "$(gradexp train -sc install=bash)": through bash
-            proc = subprocess.run(
-                ["bash", "-c", line.replace("gradexp", " ".join(gradexp_command()), 1)],
-                cwd=tmp_path, env=cli_env(), capture_output=True, text=True, check=False,
-            )  # fmt: skip
+@pytest.mark.parametrize("line", training_lines())
+def test_readme_training_command_runs(tmp_path: Path, line: str):
+    proc = run_readme_line(line, tmp_path)
+    assert proc.returncode == 0, f"README: {line}\n{describe(proc)}"
+    assert "Traceback" not in proc.stderr, line
+    runs = readme_runs(tmp_path)
+    assert len(runs) == (line.count(",") + 1 if " -m " in line and "optuna" not in line else
+                         8 if "optuna" in line else 1), runs  # fmt: skip
+    for run in runs:
+        status = load_summary(run)["status"]
+        # README: ReLU with N(0, 1) weights explodes (a result, exit 0); every other run
+        # completes. Sweep jobs are named by what varies.
+        if {"activation=relu", "init=normal"} <= overrides(run):
+            assert run.name == "0_init=normal" and status == "diverged", run
         else:
-            proc = run_cli(shlex.split(line)[1:], cwd=tmp_path)  # as bash would
+            assert status == "completed", run
+    if "optuna" in line:
+        (results,) = (tmp_path / "outputs").rglob("optimization_results.yaml")
+        assert "best_value" in results.read_text()
+
+
+@pytest.mark.slow
+def test_readme_other_commands_run_and_tensorboard_lists_the_runs(tmp_path: Path):
+    """Help, version, completion and the report commands, after the README's first sweep
+    (shortened: it runs in full above); then `tensorboard --logdir outputs` lists every
+    run by its directory name."""
+    sweep = next(line for line in training_lines() if " -m " in line and "hydra/" not in line)
+    trains = {*training_lines(), *(row[0] for row in tutorial_rows())}
+    others = [line for line in gradexp_lines() if line not in trains]
+    assert any(line.startswith("gradexp report") for line in others)
+    for line in [f"{sweep} trainer.steps=50", *others]:
+        proc = run_readme_line(line, tmp_path)
         assert proc.returncode == 0, f"README: {line}\n{describe(proc)}"
         assert "Traceback" not in proc.stderr, line
-    runs = sorted(p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
-    # the main job, the tutorial's 3 fixes, the 3-job sweep, the depth-30 AGC run, and the
-    # Optuna search's 8 trials
-    assert len(runs) >= 16, runs
-    (optuna,) = (tmp_path / "outputs").rglob("optimization_results.yaml")
-    assert len(list(optuna.parent.glob("*/summary.json"))) == 8
+    runs = readme_runs(tmp_path)
+    assert len(runs) == 3, runs
+    assert (tmp_path / "runs.csv").is_file() and (tmp_path / "flows.png").is_file()
 
-    def overrides(run: Path) -> set[str]:
-        return set(re.findall(r"^- (\S+)$", (run / ".hydra" / "overrides.yaml").read_text(), re.M))
-
-    status = {run: load_summary(run)["status"] for run in runs}
-    # README: ReLU with N(0, 1) weights explodes (a result, exit 0); every other run completes.
-    (relu_normal,) = [r for r in runs if {"activation=relu", "init=normal"} <= overrides(r)]
-    assert relu_normal.name == "0_init=normal"  # sweep jobs are named by what varies
-    assert status.pop(relu_normal) == "diverged"
-    assert set(status.values()) == {"completed"}, status
-
-    # `tensorboard --logdir outputs` lists every run, by its directory name.
     tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
     if tensorboard is None:
         pytest.skip("tensorboard script not found next to the interpreter")
