@@ -461,6 +461,30 @@ BAD_INPUT = [
         marks=pytest.mark.skipif(cuda_available(), reason="CUDA is available here"),
     ),
     pytest.param(
+        ["hydra.job.chdr=true"],
+        ["hydra.job.chdr", "unknown key", "chdir"],
+        id="hydra-key",
+    ),
+    pytest.param(
+        ["hydra/launcher=ray", "hydra.launcher.ray.remote.num_cpu=1"],
+        ["hydra.launcher.ray.remote.num_cpu", "+hydra.launcher.ray.remote.num_cpu="],
+        id="ray-key",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+            reason="the Ray launcher is not installed",
+        ),
+    ),
+    pytest.param(
+        ["objective.metric=accuracy"],
+        ["objective.metric=accuracy", "loss/test", "acc/test"],
+        id="objective-metric",
+    ),
+    pytest.param(
+        ["data=adding", "objective.metric=acc/test"],
+        ["objective.metric=acc/test", "data=adding", "loss/test"],
+        id="objective-no-accuracy",
+    ),
+    pytest.param(
         ["-m", "init=normal,xavier_normal"],
         ["unrecognized arguments", "init=normal,xavier_normal", "-m"],
         id="flag-after-overrides",
@@ -474,6 +498,11 @@ def test_bad_input_fails_in_one_line(tmp_path: Path, bad: list[str], fragments: 
     proc = run_cli(["train", *TINY, f"hydra.run.dir={run_dir}", *bad], cwd=tmp_path)
     assert_one_line_error(proc, *fragments)
     assert not run_dir.exists(), "a rejected command must leave no run directory"
+
+
+def test_two_modes_fail_in_one_line(tmp_path: Path) -> None:
+    proc = run_cli(["train", "-m", "--cfg", "job", *TINY], cwd=tmp_path)
+    assert_one_line_error(proc, "-m and --cfg", "choose one")
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
@@ -590,8 +619,8 @@ def test_train_help_lists_every_group_and_option(tmp_path: Path) -> None:
         m = re.fullmatch(r"([\w/]+): (\w+(?:, \w+)*)", line.strip())
         if m:
             listed[m[1]] = m[2].split(", ")
-    assert set(listed) == {*GROUPS, "experiment"}, listed
-    for group in (*GROUPS, "experiment"):
+    assert set(listed) == {*GROUPS, "experiment", "arm"}, listed
+    for group in (*GROUPS, "experiment", "arm"):
         assert sorted(listed[group]) == group_options(group), group
     assert {"sigmoid", "relu", "tanh"} <= set(listed["activation"])
     assert {"normal", "xavier_normal", "kaiming_normal"} <= set(listed["init"])

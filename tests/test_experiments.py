@@ -1,5 +1,6 @@
 """Every experiment preset composes, and so does every job of its sweep; each has its page
-under docs/experiments/ with the command and a table from a real run."""
+under docs/experiments/ with the command and a table from a real run. The arms of the
+presets whose sweep is not a grid (configs/arm/) select what their names say."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT, describe, load_summary, run_cli
+from conftest import REPO_ROOT, composed, describe, load_summary, run_cli
 from gradexp.cli import CONFIG_DIR
 from gradexp.config import to_config
+from gradexp.data import DataSpec
+from gradexp.init import init_weights
+from gradexp.models import create_model
+from gradexp.report import load_runs, table_columns
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+ARMS = sorted(p.stem for p in (Path(CONFIG_DIR) / "arm").glob("*.yaml"))
 
 
 def sweep_params(name: str) -> dict[str, list[str]]:
@@ -32,6 +39,8 @@ def test_the_presets_are_there():
         "residual",
         "dying_relu",
         "truncated_bptt",
+        "rnn_adding",
+        "nfnet_agc",
     }
 
 
@@ -48,6 +57,8 @@ def test_every_job_of_the_experiment_composes(name: str):
         for overrides in jobs:
             cfg = to_config(compose("config", overrides=overrides))  # validated
             for key, value in (o.split("=", 1) for o in overrides[1:]):
+                if key == "arm":  # sets several groups: see test_the_arms_of_*
+                    continue
                 if "." in key:  # a value, e.g. model.depth=30
                     node = cfg
                     for part in key.split("."):
@@ -84,3 +95,109 @@ def test_an_experiment_sweeps_for_real(tmp_path: Path):
     ]
     for job in jobs:
         assert load_summary(sweep / job)["status"] == "completed"
+
+
+# --- arms: the non-grid sweeps (configs/arm/) ------------------------------------------------
+
+
+def test_every_arm_is_swept_by_an_experiment():
+    swept = {arm for name in EXPERIMENTS for arm in sweep_params(name).get("arm", [])}
+    assert swept == set(ARMS)
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_an_arm_composes_on_its_own(arm: str):
+    composed(f"arm={arm}")  # validated; `gradexp train arm=irnn` is model=irnn
+
+
+def test_an_unknown_arm_is_one_line(tmp_path: Path):
+    proc = run_cli(["train", "arm=foo"], cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.strip() == (
+        f"gradexp: error: arm=foo: unknown option; choose from {', '.join(ARMS)}"
+    ), describe(proc)
+    assert not (tmp_path / "outputs").exists()
+
+
+# model.name, activation, W_hh's init: what Le et al. 2015 compare on the adding problem.
+RNN_ADDING = {
+    "tanh_rnn": ("rnn", "tanh", "normal"),
+    "relu_rnn": ("rnn", "relu", "normal"),
+    "irnn": ("irnn", "relu", "identity"),
+    "lstm": ("lstm", "tanh", "same"),
+    "gru": ("gru", "tanh", "same"),
+}
+
+
+def test_rnn_adding_sweeps_its_five_arms():
+    assert sweep_params("rnn_adding") == {"arm": list(RNN_ADDING)}
+
+
+@pytest.mark.parametrize("arm", RNN_ADDING)
+def test_the_arms_of_rnn_adding(arm: str):
+    cfg = composed("experiment=rnn_adding", f"arm={arm}")
+    model, activation, recurrent = RNN_ADDING[arm]
+    assert (cfg.model.name, cfg.activation.name, cfg.model.recurrent_init) == RNN_ADDING[arm]
+    # the same task, optimizer and clipping for every arm
+    assert (cfg.data.name, cfg.data.length) == ("adding", 50)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.clip.name) == ("adam", 0.01, "norm")
+    assert (cfg.init.name, cfg.norm.name, cfg.trainer.tbptt) == ("xavier_uniform", "none", 0)
+
+    # and the net it builds: W_hh as the arm says
+    torch.manual_seed(0)
+    net = create_model(cfg, DataSpec((cfg.data.length, 2), 1, "sequence", regression=True))
+    init_weights(net, cfg.init, cfg.activation)
+    (layer,) = net.recurrent
+    assert type(layer.act).__name__.lower() == activation
+    w_hh = layer.cell.weight_hh_l0.detach()
+    if recurrent == "normal":  # Le et al.'s small Gaussian: N(0, 0.001^2), 64 x 64
+        assert cfg.model.recurrent_std == 0.001
+        assert 0.0009 < w_hh.std().item() < 0.0011
+    elif recurrent == "identity":
+        assert torch.equal(w_hh, torch.eye(cfg.model.hidden_size))
+    else:  # the gated cells: Xavier-uniform recurrent weights, not the baselines' noise
+        assert w_hh.std().item() > 0.05
+    if model == "lstm":
+        assert cfg.model.forget_bias == 1.0
+
+
+# model.name, norm, clip of Brock et al. 2021's comparison.
+NFNET_AGC = {
+    "nf_resnet": ("nfnet", "none", "none"),
+    "nf_resnet_agc": ("nfnet", "none", "agc"),
+    "bn_resnet": ("resnet", "batch", "none"),
+}
+
+
+def test_nfnet_agc_sweeps_its_arms_at_two_batch_sizes():
+    assert sweep_params("nfnet_agc") == {"arm": list(NFNET_AGC), "trainer.batch_size": ["8", "128"]}
+
+
+@pytest.mark.parametrize("arm", NFNET_AGC)
+def test_the_arms_of_nfnet_agc(arm: str):
+    cfg = composed("experiment=nfnet_agc", f"arm={arm}")
+    assert (cfg.model.name, cfg.norm.name, cfg.clip.name) == NFNET_AGC[arm]
+    assert (cfg.model.blocks, cfg.model.width, cfg.activation.name) == ([2, 2, 2], 16, "relu")
+    assert (cfg.data.name, cfg.optim.name, cfg.optim.lr) == ("synthetic_images", "sgd", 0.1)
+    if cfg.clip.name == "agc":
+        assert (cfg.clip.clipping, cfg.clip.exclude) == (0.01, ["head"])
+
+
+def test_an_arm_sweep_is_named_by_its_arms(tmp_path: Path):
+    """nfnet_agc, shortened: job directories and report columns name the arm and the batch
+    size, nothing of the command line."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        ["train", "-m", "experiment=nfnet_agc", "trainer.steps=2", "data.n_train=256",
+         "data.n_test=64", "model.width=4", "model.blocks=[1,1]", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    jobs = [f"arm={a},trainer.batch_size={b}" for a in NFNET_AGC for b in (8, 128)]
+    names = sorted((p.name for p in sweep.iterdir() if p.is_dir()), key=lambda n: int(n[0]))
+    assert names == [f"{i}_{job}" for i, job in enumerate(jobs)]
+    for name in names:
+        assert load_summary(sweep / name)["status"] == "completed"
+    rows = load_runs([sweep])
+    assert table_columns(rows)[:4] == ["run", "arm", "trainer.batch_size", "status"]
+    assert [row.overrides["arm"] for row in rows] == [a for a in NFNET_AGC for _ in (8, 128)]

@@ -36,8 +36,8 @@ CONFIG_DIR = Path(gradexp.__file__).parent / "configs"
 GROUPS = sorted(
     d.name
     for d in CONFIG_DIR.iterdir()
-    # experiment files set several groups at once (tests/test_experiments.py)
-    if d.is_dir() and any(d.glob("*.yaml")) and d.name not in ("hydra", "experiment")
+    # experiment and arm files set several groups at once (tests/test_experiments.py)
+    if d.is_dir() and any(d.glob("*.yaml")) and d.name not in ("hydra", "experiment", "arm")
 )
 
 
