@@ -530,6 +530,20 @@ def test_bad_sweep_fails_before_any_job(tmp_path: Path) -> None:
     assert not sweep.exists(), list(sweep.rglob("*"))
 
 
+def test_a_key_only_the_swept_values_have_fails_in_one_line(tmp_path: Path) -> None:
+    # Hydra composes a sweep's config without its swept values before the first job:
+    # data.length exists for model=rnn's task, not for the default's.
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "model=rnn,lstm", "data.length=20", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert_one_line_error(
+        proc, "data.length: unknown key", "without its swept values", "model=rnn,lstm"
+    )
+    assert not sweep.exists()
+    proc = run_cli([*args, "data=adding", "trainer.steps=2", "trainer.progress=off"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+
+
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
 def test_unwritable_output_dir(tmp_path: Path, multirun: bool) -> None:
     blocker = tmp_path / "a-file"

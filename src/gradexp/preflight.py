@@ -214,16 +214,17 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
     check_plugins(args)
     jobs, multirun = job_overrides(args)
     gpus: set[str] = set()
-    # Hydra's own keys (hydra.*, hydra/launcher=...): checked once, with the first job.
-    hydra_overrides = [o for o in _parse_args(args).overrides if o.lstrip("+~").startswith("hydra")]
+    parsed = _parse_args(args)
+    hydra_overrides = [o for o in parsed.overrides if o.lstrip("+~").startswith("hydra")]
+    task = [o for o in parsed.overrides if o not in hydra_overrides]
+    swept = [o for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+    swept_args = {o.input_line for o in swept}
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for i, overrides in enumerate(jobs):
+        for overrides in jobs:
             try:
-                if i == 0 and hydra_overrides:
-                    compose(config_name, [*hydra_overrides, *overrides], return_hydra_config=True)
                 cfg = compose(config_name, overrides=overrides)
             except (HydraException, OmegaConfBaseException) as e:
-                raise ConfigError(_describe(e, [*hydra_overrides, *overrides])) from e
+                raise ConfigError(_describe(e, overrides)) from e
             typed = to_config(cfg)
             _check_names(typed, config_dir)
             if typed.trainer.resume and not multirun:
@@ -231,6 +232,20 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
             device = typed.trainer.device
             if device.startswith("cuda"):
                 gpus.add(device)
+        # What Hydra composes before any job: with Hydra's own keys (hydra.*,
+        # hydra/launcher=...) and, in a sweep, without the swept values.
+        base = [*hydra_overrides, *(o for o in task if o not in swept_args)]
+        try:
+            compose(config_name, base, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as e:
+            message = _describe(e, base)
+            if swept:  # every job composes: only the sweep's base config does not
+                message += (
+                    f" (a sweep's config is composed first without its swept values,"
+                    f" {' '.join(sorted(swept_args))}: choose the group that has this key"
+                    " outside the sweep)"
+                )
+            raise ConfigError(message) from e
     if gpus:  # torch only when a GPU is asked for: is it there?
         from gradexp.train import resolve_device
 
@@ -238,6 +253,5 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
             resolve_device(device)
     # After composing: a bad config leaves no empty run or sweep directory behind.
     # --cfg and --info only print, and write nothing.
-    parsed = _parse_args(args)
     if not (parsed.cfg or parsed.info):
         check_output_root(args, multirun)
