@@ -544,6 +544,15 @@ def test_a_key_only_the_swept_values_have_fails_in_one_line(tmp_path: Path) -> N
     assert proc.returncode == 0, describe(proc)
 
 
+def test_sweep_errors_name_the_real_cause(tmp_path: Path) -> None:
+    proc = run_cli(["train", "-m", "init=normal,xavier_normal", "trainer.resume=true"], tmp_path)
+    assert_one_line_error(proc, "trainer.resume=true with -m", "gradexp resume JOB_DIR")
+    proc = run_cli(["train", "-m", "init=normal,xavier_normal", "hydra.launcher.n_job=2"], tmp_path)
+    line = assert_one_line_error(proc, "hydra.launcher.n_job: unknown key")
+    assert "swept values" not in line  # a key of Hydra's: the sweep is not the cause
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
 def test_unwritable_output_dir(tmp_path: Path, multirun: bool) -> None:
     blocker = tmp_path / "a-file"

@@ -102,6 +102,26 @@ def test_optuna_reads_a_diverged_trial_as_its_finite_penalty(tmp_path: Path) -> 
     assert results["best_value"] == -5.0
 
 
+def test_an_optuna_trial_with_a_bad_sample_is_recorded_and_the_search_goes_on(tmp_path: Path):
+    # Preflight cannot check a value Optuna has not drawn yet: vanishing_ratio must be < 1.
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        ["train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
+         "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=2", *TINY,
+         "diagnose.vanishing_ratio=interval(1.5,2)", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, describe(proc)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for job in jobs:
+        summary = load_summary(job)
+        assert summary["status"] == "failed"
+        assert "diagnose.vanishing_ratio" in summary["error"]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == 1e6
+
+
 @pytest.mark.parametrize(
     ("status", "value", "penalty", "maximize", "expected"),
     [

@@ -307,3 +307,16 @@ def test_without_matplotlib_the_table_still_prints(outputs: Path, tmp_path: Path
     assert proc.returncode == 0, describe(proc)
     assert proc.stderr.strip() == MISSING
     assert "0_completed" in proc.stdout and not png.exists()
+
+
+def test_a_job_a_stopped_sweep_never_started_is_named_so(tmp_path: Path, capsys) -> None:
+    from gradexp.checkpoint import NOT_STARTED
+
+    run = tmp_path / "multirun" / "0_init=normal"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- init=normal\n")
+    summary = {"status": "interrupted", "error": NOT_STARTED, "steps": 0, "verdicts": []}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert report.main([str(tmp_path)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 0_init=normal: not started: {NOT_STARTED}"]

@@ -26,6 +26,7 @@ CONFIG = (
     "trainer.steps=4000",
     "trainer.progress=off",
     "trainer.figure_every=0",
+    "trainer.checkpoint_every=200",  # the interrupting tests wait for the first one
 )
 MACHINE_DEPENDENT = ("wall_time_s", "steps_per_s")
 
@@ -46,13 +47,18 @@ def interrupt(run_dir: Path, signum: int) -> subprocess.CompletedProcess[str]:
         args, cwd=run_dir.parent, env=cli_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    log = run_dir / "train.log"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.exists() and "start:" in log.read_text()):
-        time.sleep(0.1)
-    time.sleep(0.5)  # into the training loop
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    try:
+        # Into the training loop: its first periodic checkpoint is written.
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
@@ -107,7 +113,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path: Path, uninterrupted: Pa
 
 def test_checkpoints_every_n_steps(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [*CONFIG[:-3], "trainer.steps=30", "trainer.checkpoint_every=20"]
+    overrides = [*CONFIG[:-4], "trainer.steps=30", "trainer.checkpoint_every=20"]
     proc = run_cli(["train", *overrides, f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 30
@@ -179,44 +185,61 @@ def test_gradexp_resume_trains_a_sweep_job_on(tmp_path: Path) -> None:
         assert fragment in proc.stdout + proc.stderr
 
 
-def test_ctrl_c_stops_a_parallel_sweep_cleanly(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the process group) during a joblib sweep: the running jobs stop
-    with a checkpoint and summary.json, the job not started yet does not start (and says
-    so), the sweep exits 130 without a traceback; the unstarted job resumes from step 0."""
+@pytest.mark.parametrize(
+    ("launcher", "running"),
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], 2),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=8"], 3),  # no idle worker
+        ([], 1),  # the basic launcher: one job after the other, in the driver's process
+    ],
+    ids=["joblib", "joblib-more-workers-than-jobs", "basic"],
+)
+def test_ctrl_c_stops_a_sweep_cleanly(tmp_path: Path, launcher: list[str], running: int) -> None:
+    """Ctrl-C (SIGINT to the process group) during a sweep of 3 jobs: the running jobs
+    stop with a checkpoint and summary.json, the jobs not started yet do not start (and
+    say so), the sweep exits 130 in one line; an unstarted job resumes from step 0."""
     sweep = tmp_path / "sweep"
+    names = ["0_init=normal", "1_init=lecun_normal", "2_init=xavier_normal"]
     args = [
-        *gradexp_command(), "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        *CONFIG[:-3], "trainer.steps=100000", "trainer.progress=off", "trainer.figure_every=0",
+        *gradexp_command(), "train", "-m", *launcher, *CONFIG[:-4], "trainer.steps=100000",
+        "trainer.progress=off", "trainer.figure_every=0", "trainer.checkpoint_every=100",
         "init=normal,lecun_normal,xavier_normal", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
-    logs = [sweep / "0_init=normal" / "train.log", sweep / "1_init=lecun_normal" / "train.log"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not all(
-        log.exists() and "start:" in log.read_text() for log in logs
-    ):
-        time.sleep(0.1)
-    time.sleep(0.5)  # into the training loops
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    out, err = proc.communicate(timeout=120)
+    try:
+        # Into the training loops: each running job has saved a checkpoint.
+        started = [sweep / name / "checkpoint.pt" for name in names[:running]]
+        deadline = time.monotonic() + 120
+        while not all(c.exists() for c in started):
+            assert time.monotonic() < deadline and proc.poll() is None, "jobs did not start"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     stopped = subprocess.CompletedProcess(args, proc.returncode, out, err)
     assert stopped.returncode == 130, describe(stopped)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert err.strip().splitlines()[-1] == (
         "gradexp: error: the sweep was stopped: `gradexp resume JOB_DIR` continues a job"
     )
-    for log in logs:
-        summary = load_summary(log.parent)
-        assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100000
-        saved = torch.load(log.parent / "checkpoint.pt", weights_only=True)
+    for name in names[:running]:
+        summary = load_summary(sweep / name)
+        assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100000, name
+        saved = torch.load(sweep / name / "checkpoint.pt", weights_only=True)
         assert saved["step"] == summary["steps"]
-    unstarted = sweep / "2_init=xavier_normal"
-    assert load_summary(unstarted)["error"] == "the sweep was stopped before this job started"
-    assert not (unstarted / "checkpoint.pt").exists()
-    proc2 = run_cli(["resume", str(unstarted), "trainer.steps=20"], tmp_path)
-    assert proc2.returncode == 0, describe(proc2)
-    assert load_summary(unstarted)["status"] == "completed"
-    assert load_summary(unstarted)["steps"] == 20
+    for name in names[running:]:
+        summary = load_summary(sweep / name)
+        assert summary["error"] == "the sweep was stopped before this job started"
+        assert not (sweep / name / "checkpoint.pt").exists()
+    if running < len(names):
+        unstarted = sweep / names[-1]
+        proc2 = run_cli(["resume", str(unstarted), "trainer.steps=20"], tmp_path)
+        assert proc2.returncode == 0, describe(proc2)
+        assert load_summary(unstarted)["status"] == "completed"
+        assert load_summary(unstarted)["steps"] == 20

@@ -48,7 +48,12 @@ class StopOnSignal:
     Outside the main thread (a launcher's worker) signals cannot be caught: a no-op.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR2: what Hydra's submitit launcher has SLURM send before a time limit.
+    SIGNALS = (
+        signal.SIGINT,
+        signal.SIGTERM,
+        *(getattr(signal, n) for n in ("SIGUSR2",) if hasattr(signal, n)),
+    )
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -73,6 +78,7 @@ class StopOnSignal:
 # A sweep's driver names a file here; its jobs (in-process or in launcher workers, which
 # inherit the environment) read it.
 SWEEP_STOP_ENV = "GRADEXP_SWEEP_STOP"
+SWEEP_DRIVER_ENV = "GRADEXP_SWEEP_DRIVER"  # the driver's pid: a job elsewhere is in a worker
 
 
 class SweepStop:
@@ -100,12 +106,15 @@ class SweepStop:
                 file=sys.stderr,
             )
         self.path.touch()
+        # A second signal: at once (SIGTERM: the default, which ends the driver).
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def __enter__(self) -> SweepStop:
         os.environ[SWEEP_STOP_ENV] = str(self.path)
+        os.environ[SWEEP_DRIVER_ENV] = str(os.getpid())
         if threading.current_thread() is threading.main_thread():
-            for sig in StopOnSignal.SIGNALS:
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -113,13 +122,30 @@ class SweepStop:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         os.environ.pop(SWEEP_STOP_ENV, None)
+        os.environ.pop(SWEEP_DRIVER_ENV, None)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sweep_stop_file() -> Path | None:
+    """In a sweep's job: the file whose existence says the sweep was stopped."""
+    path = os.environ.get(SWEEP_STOP_ENV)
+    return Path(path) if path else None
 
 
 def sweep_stopped() -> bool:
     """In a sweep's job: has the sweep been stopped?"""
-    path = os.environ.get(SWEEP_STOP_ENV)
-    return bool(path) and Path(path).exists()
+    path = sweep_stop_file()
+    return path is not None and path.exists()
+
+
+def ignore_sigint_between_jobs() -> None:
+    """In a launcher's worker process (joblib's loky workers): an idle worker that gets a
+    terminal's Ctrl-C would die and break the pool; a job's StopOnSignal catches SIGINT
+    while it runs and puts this back after."""
+    driver = os.environ.get(SWEEP_DRIVER_ENV)
+    in_worker = driver is not None and int(driver) != os.getpid()
+    if in_worker and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_sweep() -> None:

@@ -61,7 +61,12 @@ def _train_app(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from gradexp.checkpoint import NOT_STARTED, stop_sweep, sweep_stopped
+    from gradexp.checkpoint import (
+        NOT_STARTED,
+        ignore_sigint_between_jobs,
+        stop_sweep,
+        sweep_stopped,
+    )
     from gradexp.config import to_config
     from gradexp.train import NonFiniteError, objective_value, record_failure, run
 
@@ -70,17 +75,28 @@ def _train_app(cfg: DictConfig) -> Any:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     # What an optimizing sweeper (optuna) reads: the objective metric, or a finite
     # penalty for a run that diverged or failed.
-    maximize = str(hydra_cfg.sweeper.get("direction", "minimize")).lower().endswith("maximize")
+    direction = hydra_cfg.sweeper.get("direction")
+    optimizing = direction is not None  # optuna: it reads the returned number
+    maximize = str(direction).lower().endswith("maximize")
     objective = cfg.get("objective") or {}
     metric, penalty = objective.get("metric", "loss/test"), objective.get("penalty")
+    if multirun:
+        ignore_sigint_between_jobs()
     if multirun and sweep_stopped():  # gradexp resume starts it from step 0
         summary = {"status": "interrupted", "error": NOT_STARTED, "steps": 0, "verdicts": []}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if optimizing:  # not a trial's result: the sweeper records a failure and stops
+            raise RuntimeError(NOT_STARTED)
         return objective_value(summary, metric, penalty, maximize)
     try:
         summary = run(to_config(cfg), output_dir)
     except ConfigError as e:
-        fail(str(e))
+        if not multirun:
+            fail(str(e))
+        # A job's values the sweep did not know before it ran (an optuna sample): recorded.
+        error = record_failure(output_dir, e)
+        print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
+        return objective_value(None, metric, penalty, maximize)
     except NonFiniteError as e:  # on_nonfinite=raise
         fail(str(e), code=1)
     except Exception as e:
@@ -95,6 +111,8 @@ def _train_app(cfg: DictConfig) -> Any:
         if not multirun:
             raise SystemExit(130)
         stop_sweep()  # the jobs after this one do not start; the sweep exits 130
+        if optimizing:
+            raise RuntimeError("interrupted: not a trial's result")
     return objective_value(summary, metric, penalty, maximize)
 
 
@@ -104,12 +122,12 @@ def _train(args: list[str]) -> None:
 
         print(f"gradexp {__version__} (Hydra {hydra_pkg.__version__})")
         return
-    from gradexp.preflight import preflight, sweep_name_args
+    from gradexp.preflight import launcher_args, preflight, sweep_name_args
 
     if not any(a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args):
         try:
             preflight(args, CONFIG_DIR)
-            args = [*args, *sweep_name_args(args)]
+            args = [*args, *sweep_name_args(args), *launcher_args(args)]
         except ConfigError as e:
             fail(str(e))
     sys.argv = [sys.argv[0], *args]
@@ -118,9 +136,18 @@ def _train(args: list[str]) -> None:
         return
     from gradexp.checkpoint import SweepStop
 
-    with SweepStop() as stop:
-        _train_app()
-        stopped = stop.stopped
+    stopped = False
+    try:
+        with SweepStop() as stop:
+            try:
+                _train_app()
+            finally:
+                stopped = stop.stopped
+    except BaseException:
+        # Stopping can end a sweep with the launcher's or sweeper's own error (a worker
+        # pool that lost a process, optuna's failed trials): the stop is what happened.
+        if not stopped:
+            raise
     if stopped:
         fail("the sweep was stopped: `gradexp resume JOB_DIR` continues a job", code=130)
 
@@ -130,7 +157,7 @@ RESUME_USAGE = "usage: gradexp resume RUN_DIR [KEY=VALUE ...]"
 
 def _quote(value: str) -> str:
     """A value for a Hydra override, quoted: run dirs hold "=" and "," (0_init=normal,...)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + value.replace("'", "\\'") + "'"  # Hydra un-escapes a quote, nothing else
 
 
 def _resume(args: list[str]) -> None:
@@ -151,9 +178,11 @@ def _resume(args: list[str]) -> None:
     if any(a.startswith("-") for a in extra):
         fail(f"{' '.join(extra)}: only KEY=VALUE overrides here; {RESUME_USAGE}")
     given = {a.split("=", 1)[0].lstrip("+~") for a in extra}
+    import yaml
+
     overrides = [
         str(o)
-        for o in OmegaConf.load(saved)
+        for o in yaml.safe_load(saved.read_text()) or []  # as written: no interpolation
         if str(o).split("=", 1)[0].lstrip("+~") not in {*given, "trainer.resume"}
     ]
     _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])

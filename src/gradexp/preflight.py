@@ -182,6 +182,24 @@ def check_resume(args: list[str], cfg: Config) -> None:
     resume_state(Path(given[-1]) / CHECKPOINT_FILE, cfg)
 
 
+def launcher_args(args: list[str]) -> list[str]:
+    """joblib starts all its workers at once, and an idle one that gets a terminal's
+    Ctrl-C dies and breaks the pool: never more workers than jobs."""
+    import os
+
+    parsed = _parse_args(args)
+    if not parsed.multirun or "hydra/launcher=joblib" not in parsed.overrides:
+        return []
+    jobs, _ = job_overrides(args)
+    if any(o.split("=", 1)[0] == "experiment" for o in jobs[0]):
+        return []  # the experiment's own sweep: its size is in its config
+    workers = os.cpu_count() or 1
+    for value in _given(args, "hydra.launcher.n_jobs"):
+        if value.lstrip("-").isdigit() and int(value) > 0:
+            workers = int(value)  # joblib's negative n_jobs count back from the cores
+    return [f"hydra.launcher.n_jobs={min(len(jobs), workers)}"]
+
+
 def check_output_root(args: list[str], multirun: bool) -> None:
     """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -227,7 +245,12 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
                 raise ConfigError(_describe(e, overrides)) from e
             typed = to_config(cfg)
             _check_names(typed, config_dir)
-            if typed.trainer.resume and not multirun:
+            if typed.trainer.resume:
+                if multirun:
+                    raise ConfigError(
+                        "trainer.resume=true with -m: resume each job of a sweep with"
+                        " gradexp resume JOB_DIR"
+                    )
                 check_resume(args, typed)
             device = typed.trainer.device
             if device.startswith("cuda"):
@@ -239,7 +262,9 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
             compose(config_name, base, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as e:
             message = _describe(e, base)
-            if swept:  # every job composes: only the sweep's base config does not
+            failing = getattr(e.__cause__, "full_key", None) or ""
+            if swept and not str(failing).startswith("hydra."):
+                # every job composes: only the sweep's base config does not
                 message += (
                     f" (a sweep's config is composed first without its swept values,"
                     f" {' '.join(sorted(swept_args))}: choose the group that has this key"

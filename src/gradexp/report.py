@@ -174,6 +174,8 @@ def _describe(summary: dict[str, Any]) -> str | None:
     status = summary["status"]
     if status == "failed":
         return f"failed: {summary.get('error') or 'no error recorded'}"
+    if status == "interrupted" and summary.get("steps") == 0 and summary.get("error"):
+        return f"not started: {summary['error']}"  # a job of a stopped sweep
     missing = [k for k in EXPECTED_KEYS if k not in summary]
     if missing:
         return f"summary.json lacks {', '.join(missing)}"

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from gradexp import figures
-from gradexp.checkpoint import CHECKPOINT_FILE, StopOnSignal, resume_state
+from gradexp.checkpoint import CHECKPOINT_FILE, StopOnSignal, resume_state, sweep_stop_file
 from gradexp.checkpoint import save as save_checkpoint
 from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite, flat
@@ -448,15 +448,17 @@ def run(
 
     # Between two steps the state is whole: a signal stops the loop there (and is saved).
     stopper = StopOnSignal().__enter__()
+    sweep_stop = sweep_stop_file()  # a sweep's driver stops its jobs through this file
     consistent = True
     try:
         if not resumed:
             theory = initial_theory(cfg, data, logger)
             jacobian = initial_jacobian(cfg, model, data, logger)
         for step in range(start_step, t.steps):
-            if stopper.signum is not None:
+            if stopper.signum is not None or (sweep_stop is not None and sweep_stop.exists()):
                 status = "interrupted"
-                file_log.info("signal %d: stopping before step %d", stopper.signum, step)
+                why = f"signal {stopper.signum}" if stopper.signum else "the sweep was stopped"
+                file_log.info("%s: stopping before step %d", why, step)
                 break
             final = step == t.steps - 1
             hist_now = step % t.hist_every == 0
@@ -608,6 +610,9 @@ def run(
         status, consistent = "interrupted", False
     except Exception as e:
         status, error, consistent = "failed", f"{type(e).__name__}: {e}", False
+        raise
+    except BaseException:  # SystemExit mid-step (a launcher's signal handler): not whole
+        status, consistent = "interrupted", False
         raise
     finally:
         stopper.__exit__()
