@@ -320,3 +320,26 @@ def test_a_job_a_stopped_sweep_never_started_is_named_so(tmp_path: Path, capsys)
     assert report.main([str(tmp_path)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == [f"note: 0_init=normal: not started: {NOT_STARTED}"]
+
+
+def test_recurrent_runs_get_the_time_ratio_columns(tmp_path: Path, capsys) -> None:
+    layers = [
+        _layer(0, "recurrent.0", (1.0, 2.0), (0.5, 0.25)),
+        _layer(1, "head", (1.0, 1.0), (1.0, 1.0)),
+    ]
+    rnn_time = [{"layer": "recurrent.0", "ratio": {"first": 850.0, "last": 0.2}}]
+    for name, time in [("0_model=rnn", rnn_time), ("1_model=mlp", [])]:
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- model={name.split('=')[1]}\n")
+        summary = _summary("completed", {"loss/test": 0.1}, layers, [])
+        (run / "summary.json").write_text(json.dumps({**summary, "time": time}))
+    rows = report.load_runs([tmp_path])
+    assert report.table_columns(rows)[-3:] == ["time/0", "time/last", "verdicts"]
+    rnn, mlp = (report.row_values(r) for r in rows)
+    assert (rnn["time/0"], rnn["time/last"]) == (850.0, 0.2)
+    assert (mlp["time/0"], mlp["time/last"]) == (None, None)
+    assert report.main([str(tmp_path), "--sort", "time/0"]) == 0
+    assert "time: ||dL/dh|| at the first time step" in " ".join(capsys.readouterr().out.split())
+    # A feed-forward tree has no time columns.
+    assert "time/0" not in report.table_columns(rows[1:])

@@ -49,14 +49,18 @@ RATIOS = {
     "bwd/0": ("signal_bwd", "first"),
     "bwd/last": ("signal_bwd", "last"),
 }
+# Recurrent runs: the first unrolled layer's ||dL/dh_t|| at its first sampled time step
+# over its last (summary.json's time[0].ratio), at step 0 and at the last logged step.
+TIME_RATIOS = {"time/0": "first", "time/last": "last"}
 CAPTION = (
     "grad, bwd: first layer / last layer of the parameter-gradient norm and of the backward"
     " signal, at step 0 and at the last logged step"
 )
+TIME_CAPTION = "; time: ||dL/dh|| at the first time step / at the last (recurrent runs)"
 # A run name folded to fit a terminal keeps at least this many characters a line.
 MIN_NAME_WIDTH = 12
 
-NUMERIC = ("steps", *METRICS, *RATIOS)
+NUMERIC = ("steps", *METRICS, *RATIOS, *TIME_RATIOS)
 # Keys a summary has beyond its status, except a failed run's (that stopped before training).
 EXPECTED_KEYS = ("steps", "metrics", "layers", "verdicts")
 
@@ -256,8 +260,10 @@ def varying(rows: Sequence[RunRow]) -> list[str]:
 
 def table_columns(rows: Sequence[RunRow]) -> list[str]:
     """The report's columns: run, the varying overrides, status, steps, metrics, ratios,
-    verdicts."""
-    return ["run", *varying(rows), "status", "steps", *METRICS, *RATIOS, "verdicts"]
+    the time ratios (when a run is recurrent), verdicts."""
+    recurrent = any(_field(row.summary, "time", 0) is not None for row in rows)
+    time = list(TIME_RATIOS) if recurrent else []
+    return ["run", *varying(rows), "status", "steps", *METRICS, *RATIOS, *time, "verdicts"]
 
 
 def _field(obj: Any, *keys: str | int) -> Any:
@@ -308,6 +314,8 @@ def row_values(row: RunRow) -> dict[str, Any]:
         first = _number(_field(s, "layers", 0, quantity, when))
         last = _number(_field(s, "layers", -1, quantity, when))
         values[column] = _ratio(first, last)
+    for column, when in TIME_RATIOS.items():
+        values[column] = _number(_field(s, "time", 0, "ratio", when))
     values["verdicts"] = ",".join(verdict_kinds(s)) or None
     return values
 
@@ -369,7 +377,8 @@ def rich_table(
         width: the width to fit in, if any: the run names are folded first (the
             override columns say what each run is), then every column shrinks.
     """
-    table = Table(title=title or None, caption=CAPTION)
+    caption = CAPTION + (TIME_CAPTION if "time/0" in columns else "")
+    table = Table(title=title or None, caption=caption)
     for column in columns:
         # Headers broken at "/" and "." ("acc/" over "test"): columns as narrow as
         # their values.
