@@ -150,9 +150,9 @@ def ignore_sigint_between_jobs() -> None:
 
 def stop_sweep() -> None:
     """In a sweep's job that was interrupted: the jobs after it do not start."""
-    path = os.environ.get(SWEEP_STOP_ENV)
-    if path and Path(path).parent.is_dir():
-        Path(path).touch()
+    path = sweep_stop_file()
+    if path is not None and path.parent.is_dir():
+        path.touch()
 
 
 # What a resumed run may change: how it runs, not what it computes. trainer.steps may
@@ -180,8 +180,9 @@ def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any] | None:
     state = load(checkpoint)
     saved, now = state.get("config"), flat(cfg)
     if saved is not None:
-        may_change = [k for k in RESUME_MAY_CHANGE if cfg.optim.schedule != Schedule.cosine
-                      or k != "trainer.steps"]  # fmt: skip
+        may_change = set(RESUME_MAY_CHANGE)
+        if cfg.optim.schedule == Schedule.cosine:  # the schedule has fixed the run's length
+            may_change.discard("trainer.steps")
         changed = [k for k in now if k not in may_change and saved.get(k) != now[k]]
         if changed:
             was = ", ".join(f"{k}={saved.get(k)}" for k in changed)

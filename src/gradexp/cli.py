@@ -90,18 +90,14 @@ def _train_app(cfg: DictConfig) -> Any:
         return objective_value(summary, metric, penalty, maximize)
     try:
         summary = run(to_config(cfg), output_dir)
-    except ConfigError as e:
-        if not multirun:
-            fail(str(e))
-        # A job's values the sweep did not know before it ran (an optuna sample): recorded.
-        error = record_failure(output_dir, e)
-        print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
-        return objective_value(None, metric, penalty, maximize)
     except NonFiniteError as e:  # on_nonfinite=raise
         fail(str(e), code=1)
     except Exception as e:
-        # A job of a sweep that raises is recorded and the sweep goes on; a single run
-        # keeps its traceback (a crash is a bug to report, not bad input).
+        if isinstance(e, ConfigError) and not multirun:
+            fail(str(e))
+        # A job of a sweep that raises (or whose values the sweep did not know before it
+        # ran: an optuna sample) is recorded and the sweep goes on; a single run keeps its
+        # traceback (a crash is a bug to report, not bad input).
         error = record_failure(output_dir, e)
         if not multirun:
             raise
@@ -136,18 +132,15 @@ def _train(args: list[str]) -> None:
         return
     from gradexp.checkpoint import SweepStop
 
-    stopped = False
-    try:
-        with SweepStop() as stop:
-            try:
-                _train_app()
-            finally:
-                stopped = stop.stopped
-    except BaseException:
-        # Stopping can end a sweep with the launcher's or sweeper's own error (a worker
-        # pool that lost a process, optuna's failed trials): the stop is what happened.
-        if not stopped:
-            raise
+    with SweepStop() as stop:
+        try:
+            _train_app()
+        except BaseException:
+            # Stopping can end a sweep with the launcher's or sweeper's own error (a worker
+            # pool that lost a process, optuna's failed trials): the stop is what happened.
+            if not stop.stopped:
+                raise
+        stopped = stop.stopped  # read before the exit removes the stop file
     if stopped:
         fail("the sweep was stopped: `gradexp resume JOB_DIR` continues a job", code=130)
 

@@ -9,7 +9,6 @@ This module must not import torch: the CLI imports it to build ``--help``.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -466,10 +465,10 @@ def register_configs() -> None:
 def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """A config as {"dotted.key": value} (enums by name): what a checkpoint records of it."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
+    for f in fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
+        if is_dataclass(value):
             out.update(flat(value, f"{key}."))
         else:
             out[key] = value.name if isinstance(value, enum.Enum) else value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import tempfile
 from pathlib import Path
 from typing import NoReturn
@@ -185,8 +186,6 @@ def check_resume(args: list[str], cfg: Config) -> None:
 def launcher_args(args: list[str]) -> list[str]:
     """joblib starts all its workers at once, and an idle one that gets a terminal's
     Ctrl-C dies and breaks the pool: never more workers than jobs."""
-    import os
-
     parsed = _parse_args(args)
     if not parsed.multirun or "hydra/launcher=joblib" not in parsed.overrides:
         return []
