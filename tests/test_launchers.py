@@ -137,7 +137,7 @@ def test_an_optuna_trial_with_a_bad_sample_is_recorded_and_the_search_goes_on(tm
     ],
 )
 def test_objective_value(status, value, penalty, maximize, expected) -> None:
-    from gradexp.train import objective_value
+    from gradexp.cli import objective_value
 
     metrics = {} if value is None else {"loss/test": value}
     summary = {"status": status, "metrics": metrics}

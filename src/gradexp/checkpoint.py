@@ -21,8 +21,9 @@ from typing import Any
 
 from gradexp.config import Config, Schedule, flat
 from gradexp.errors import ConfigError
+from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = ["CHECKPOINT_FILE"]  # re-exported: where checkpoints are
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -205,7 +206,7 @@ NOT_STARTED = "the sweep was stopped before this job started"
 def never_started(run_dir: Path) -> bool:
     """A job that a stopped sweep never started (its summary.json says so)."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return False
     return summary.get("status") == "interrupted" and summary.get("error") == NOT_STARTED

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import math
 import os
 import signal
 import sys
@@ -56,6 +56,22 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def objective_value(
+    summary: dict[str, Any] | None, metric: str, penalty: float | None, maximize: bool
+) -> float:
+    """The number a run returns to an optimizing sweeper: the final ``metric`` of a
+    completed run, else (diverged, failed, non-finite, missing) a finite penalty that is
+    worse than any real value (1e6, or -1e6 when maximizing) unless ``penalty`` is given."""
+    if penalty is None:
+        penalty = -1e6 if maximize else 1e6
+    if summary is None or summary.get("status") != "completed":
+        return float(penalty)
+    value = summary.get("metrics", {}).get(metric)
+    if value is None or not math.isfinite(value):
+        return float(penalty)
+    return float(value)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def _train_app(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
@@ -68,7 +84,8 @@ def _train_app(cfg: DictConfig) -> Any:
         sweep_stopped,
     )
     from gradexp.config import to_config
-    from gradexp.train import NonFiniteError, objective_value, record_failure, run
+    from gradexp.rundir import minimal_summary, record_failure, write_summary
+    from gradexp.train import NonFiniteError, run
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -83,8 +100,8 @@ def _train_app(cfg: DictConfig) -> Any:
     if multirun:
         ignore_sigint_between_jobs()
     if multirun and sweep_stopped():  # gradexp resume starts it from step 0
-        summary = {"status": "interrupted", "error": NOT_STARTED, "steps": 0, "verdicts": []}
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = minimal_summary("interrupted", NOT_STARTED)
+        write_summary(output_dir, summary)
         if optimizing:  # not a trial's result: the sweeper records a failure and stops
             raise RuntimeError(NOT_STARTED)
         return objective_value(summary, metric, penalty, maximize)

@@ -271,7 +271,7 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
                 )
             raise ConfigError(message) from e
     if gpus:  # torch only when a GPU is asked for: is it there?
-        from gradexp.train import resolve_device
+        from gradexp.device import resolve_device
 
         for device in sorted(gpus):
             resolve_device(device)

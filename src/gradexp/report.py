@@ -26,9 +26,9 @@ from rich.text import Text
 
 from gradexp import figures
 from gradexp.display import VERDICT_STYLE, _fmt
+from gradexp.rundir import SUMMARY_FILE
 
 # As in gradexp.train, which cannot be imported here: it imports torch.
-SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 EVENTS_PREFIX = "events.out.tfevents."
 

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +29,13 @@ from gradexp.checkpoint import save as save_checkpoint
 from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite, flat
 from gradexp.data import Dataset, load_data
+from gradexp.device import check_writable, resolve_device
 from gradexp.display import ProgressReporter, print_summary, status_line
-from gradexp.errors import ConfigError
 from gradexp.init import init_weights, weights_and_biases
 from gradexp.metrics import MetricLogger, TensorBoardLogger
 from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
+from gradexp.rundir import FIGURE_FILE, SUMMARY_FILE, record_failure  # noqa: F401
 from gradexp.telemetry import (
     ActivationProbe,
     DeadUnits,
@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 # The run's own log file (train.log) only: the terminal already shows the table and status.
 file_log = logging.getLogger("gradexp.runlog")
 
-SUMMARY_FILE = "summary.json"
-FIGURE_FILE = "gradient_flow.png"
 PER_LAYER = ("grad_norm", "signal_bwd", "signal_fwd")
 ACTIVATION_HEALTH = ("act_mean", "act_std", "sat_frac", "dead_frac")
 # Per-layer quantities not every layer has: NaN values are not logged.
@@ -75,32 +73,6 @@ FINAL_METRICS = (
 
 class NonFiniteError(RuntimeError):
     """on_nonfinite=raise: a loss or gradient went non-finite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.device={name}: CUDA is not available here; choose from auto, cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"trainer.device={name}: no such GPU; choose from "
-                + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count()))
-            )
-    return device
-
-
-def check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise ConfigError(f"output dir {output_dir}: cannot be written ({e.strerror})") from None
 
 
 def custom_scalars_layout(
@@ -629,37 +601,6 @@ def run(
     print_summary(result, console)
     file_log.info(status_line(result))
     return result
-
-
-def record_failure(output_dir: Path, exc: BaseException) -> str:
-    """Make sure a run that raised has a summary.json saying so; returns the error line.
-
-    A run that got as far as its training loop has written its own (status failed);
-    one that failed before (building the model, loading data) gets a minimal one.
-    """
-    error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    path = Path(output_dir) / SUMMARY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"status": "failed", "error": error, "steps": 0, "verdicts": []}
-        path.write_text(json.dumps(summary, indent=2) + "\n")
-    return error
-
-
-def objective_value(
-    summary: dict[str, Any] | None, metric: str, penalty: float | None, maximize: bool
-) -> float:
-    """The number a run returns to an optimizing sweeper: the final ``metric`` of a
-    completed run, else (diverged, failed, non-finite, missing) a finite penalty that is
-    worse than any real value (1e6, or -1e6 when maximizing) unless ``penalty`` is given."""
-    if penalty is None:
-        penalty = -1e6 if maximize else 1e6
-    if summary is None or summary.get("status") != "completed":
-        return float(penalty)
-    value = summary.get("metrics", {}).get(metric)
-    if value is None or not math.isfinite(value):
-        return float(penalty)
-    return float(value)
 
 
 def locate_nonfinite(layers: LayerMap, step: int, bad_layers: torch.Tensor) -> dict[str, Any]:
