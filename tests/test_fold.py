@@ -20,6 +20,7 @@ from gradexp.models import create_model
 from gradexp.telemetry import LayerMap
 
 C.register_configs()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VECTORS = ("data=synthetic", "data.features=6", "data.classes=4")
 IMAGES = ("data=synthetic_images", "data.size=8", "data.channels=3")
