@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -650,6 +651,39 @@ def test_train_help_lists_every_group_and_option(tmp_path: Path) -> None:
     assert {"none", "value", "norm", "agc"} == set(listed["clip"])
     assert "schema_" not in proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+HELP = yaml.safe_load((Path(gradexp.__file__).parent / "configs" / "config.yaml").read_text())
+HELP_EXAMPLES = [
+    line.strip()
+    for line in HELP["hydra"]["help"]["footer"].splitlines()
+    if line.strip().startswith("gradexp ")
+]
+# Appended to each example: two steps on a little data (every model and task has these).
+EXAMPLE_TINY = ("trainer.steps=2", "trainer.batch_size=16", "data.n_train=64", "data.n_test=32")
+
+
+def test_train_help_shows_the_examples_and_the_aliases(tmp_path: Path) -> None:
+    proc = run_cli(["train", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "gradexp train model=rnn init=xavier clip=agc" in HELP_EXAMPLES  # the product's
+    for example in HELP_EXAMPLES:
+        assert f"  {example}\n" in proc.stdout, example
+    aliases = proc.stdout.split("== Aliases ==", 1)[1].split("== Config ==")[0]
+    assert "init=xavier, init=glorot: xavier_uniform (Glorot & Bengio 2010" in aliases
+    assert "init=kaiming, init=he, init=msra: kaiming_normal (He et al. 2015" in aliases
+    assert "init=lecun: lecun_normal" in aliases
+
+
+@pytest.mark.parametrize("example", HELP_EXAMPLES)
+def test_train_help_example_runs(tmp_path: Path, example: str) -> None:
+    proc = run_cli([*shlex.split(example)[1:], *EXAMPLE_TINY], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    runs = sorted(p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
+    sweep = next((a for a in shlex.split(example) if "," in a), None) if " -m " in example else None
+    assert len(runs) == (sweep.count(",") + 1 if sweep else 1), runs
+    for run in runs:
+        assert load_summary(run)["status"] == "completed", run
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gradexp import __version__
-from gradexp.config import register_configs
+from gradexp.config import aliases_help, register_configs
 from gradexp.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).parent / "configs")
@@ -42,6 +42,7 @@ def _dir_suffix(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)
+OmegaConf.register_new_resolver("gradexp_aliases", aliases_help, replace=True)
 register_configs()
 # configs/hydra/launcher/ray.yaml lists the Ray launcher's keys a user sets; Hydra merges
 # it into the plugin's schema of the same name, as intended, and warns that it does.
@@ -135,14 +136,17 @@ def _train(args: list[str]) -> None:
 
         print(f"gradexp {__version__} (Hydra {hydra_pkg.__version__})")
         return
-    from gradexp.preflight import launcher_args, preflight, sweep_name_args
+    from gradexp.preflight import launcher_args, preflight, resolve_aliases, sweep_name_args
 
-    if not any(a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args):
-        try:
+    try:
+        args = resolve_aliases(args)
+        if not any(
+            a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args
+        ):
             preflight(args, CONFIG_DIR)
             args = [*args, *sweep_name_args(args), *launcher_args(args)]
-        except ConfigError as e:
-            fail(str(e))
+    except ConfigError as e:
+        fail(str(e))
     sys.argv = [sys.argv[0], *args]
     if not any(a in ("-m", "--multirun") for a in args):
         _train_app()

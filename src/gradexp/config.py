@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -30,6 +30,48 @@ FALLBACK_INITS = (
     "orthogonal",
     "default",
 )
+
+
+class Alias(NamedTuple):
+    """Names the literature uses for one option of a group."""
+
+    names: tuple[str, ...]
+    option: str
+    why: str  # why this variant: what the names' authors defined
+
+
+# Resolved on the command line before Hydra composes (gradexp.preflight.resolve_aliases),
+# so run names, .hydra/overrides.yaml, summary.json and HParams show the option itself.
+ALIASES: dict[str, tuple[Alias, ...]] = {
+    "init": (
+        Alias(
+            ("xavier", "glorot"), "xavier_uniform", "Glorot & Bengio 2010 defined the uniform form"
+        ),
+        Alias(("kaiming", "he", "msra"), "kaiming_normal", "He et al. 2015 used the normal form"),
+        Alias(
+            ("lecun",),
+            "lecun_normal",
+            "LeCun et al. 1998's std 1/sqrt(fan_in), in SELU's normal form",
+        ),
+    ),
+}
+
+
+def resolve_alias(group: str, name: str) -> str:
+    """The option ``name`` stands for in ``group``: itself unless it is an alias."""
+    for alias in ALIASES.get(group, ()):
+        if name in alias.names:
+            return alias.option
+    return name
+
+
+def aliases_help() -> str:
+    """The aliases, one line per option, for ``gradexp train --help``."""
+    return "\n".join(
+        f"  {', '.join(f'{group}={name}' for name in alias.names)}: {alias.option} ({alias.why})"
+        for group, aliases in ALIASES.items()
+        for alias in aliases
+    )
 
 
 class Amp(enum.Enum):

@@ -18,10 +18,11 @@ from typing import NoReturn
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from gradexp.config import SCHEMAS, Config, to_config
+from gradexp.config import ALIASES, SCHEMAS, Config, resolve_alias, to_config
 from gradexp.errors import ConfigError
 
 MAX_JOBS = 512  # compose at most this many jobs of a sweep up front
@@ -78,6 +79,46 @@ def _parse_args(args: list[str]) -> argparse.Namespace:
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)}: choose one of them")
     return parsed
+
+
+def _alias_resolved(override: Override) -> str | None:
+    """The value of a group override with its aliases replaced by their options (as
+    Hydra's override grammar writes it), or None when no value is an alias."""
+    group, value = override.key_or_group, override.value()
+    if isinstance(value, str):
+        names = [value]
+    elif isinstance(value, ChoiceSweep) and all(isinstance(v, str) for v in value.list):
+        names = list(value.list)
+    else:
+        return None  # a glob, a range, a deletion: nothing an alias could be
+    resolved = [resolve_alias(group, name) for name in names]
+    if resolved == names:
+        return None
+    if not isinstance(value, ChoiceSweep):
+        return resolved[0]
+    text = ",".join(resolved)
+    if value.shuffle:
+        text = f"shuffle({text})"
+    elif not value.simple_form or value.tags:
+        text = f"choice({text})"
+    return f"tag({','.join(sorted(value.tags))},{text})" if value.tags else text
+
+
+def resolve_aliases(args: list[str]) -> list[str]:
+    """The command line with each option alias (config.ALIASES: init=xavier) replaced by
+    the option it stands for (init=xavier_uniform), also in a sweep's list of values."""
+    parser = OverridesParser.create()
+    replace = {}
+    for arg in _parse_args(args).overrides:
+        if arg.split("=", 1)[0].lstrip("+~").split("@")[0] not in ALIASES:
+            continue
+        try:
+            value = _alias_resolved(parser.parse_override(arg))
+        except HydraException:
+            continue  # job_overrides reports it
+        if value is not None:
+            replace[arg] = f"{arg.split('=', 1)[0]}={value}"
+    return [replace.get(arg, arg) for arg in args]
 
 
 def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
