@@ -16,17 +16,29 @@ import pytest
 from gradexp.figures import (
     NO_VALUES,
     THEORY_LABEL,
-    FlowSnapshot,
     flow_figure,
     missing_dependency,
     pick_steps,
     save_png,
     to_image,
 )
+from gradexp.record import StepRecord
 
 needs_matplotlib = pytest.mark.skipif(
     missing_dependency() is not None, reason="matplotlib is not installed"
 )
+
+
+def FlowSnapshot(  # noqa: N802 -- a step record with the figure's three panels
+    step: int,
+    grad_norm: list,
+    signal_bwd: list,
+    signal_fwd: list,
+    time: dict | None = None,
+) -> StepRecord:
+    layers = {"grad_norm": grad_norm, "signal_bwd": signal_bwd, "signal_fwd": signal_fwd}
+    return StepRecord(step, layers=layers, time=time or {})
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN, INF = math.nan, math.inf
@@ -49,7 +61,7 @@ def mlp_profile(depth: int = 20, steps: tuple[int, ...] = (0, 50, 100)):
     return layers, snaps, theory
 
 
-def recurrent_snapshot(step: int, names: tuple[str, ...]) -> FlowSnapshot:
+def recurrent_snapshot(step: int, names: tuple[str, ...]) -> StepRecord:
     ts = list(range(0, 40, 4)) + [39]
     # Truncated BPTT: the states before t=12 get no gradient and read 0.
     time = {name: (ts, [0.0 if t < 12 else 1e-3 * 1.2**t for t in ts]) for name in names}
@@ -107,12 +119,14 @@ def test_missing_dependency(monkeypatch: pytest.MonkeyPatch):
     assert missing_dependency() is None
     with monkeypatch.context() as m:
         # Unimportable: None in sys.modules, for the modules already loaded as well.
-        for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        for name in ["matplotlib", *(n for n in sys.modules if n.startswith("matplotlib."))]:
             m.setitem(sys.modules, name, None)
         assert missing_dependency() == "figures need matplotlib: pip install 'gradexp[plot]'"
     # Restored for the tests that draw.
     assert missing_dependency() is None
-    assert sys.modules["matplotlib.figure"].Figure is not None
+    import matplotlib.figure
+
+    assert matplotlib.figure.Figure is not None
 
 
 @needs_matplotlib
@@ -146,8 +160,8 @@ def test_flow_figure_png_and_image(tmp_path: Path):
 @needs_matplotlib
 def test_plotted_data_is_the_input():
     layers, snaps, theory = mlp_profile(6, steps=(0, 10))
-    snaps[1].grad_norm[2] = NAN
-    snaps[1].signal_fwd[0] = 0.0
+    snaps[1].layers["grad_norm"][2] = NAN
+    snaps[1].layers["signal_fwd"][0] = 0.0
     fig = flow_figure(layers, snaps, theory)
     grad_ax, bwd_ax, fwd_ax = fig.axes
     x = np.arange(len(layers))
@@ -155,7 +169,7 @@ def test_plotted_data_is_the_input():
         for snap in snaps:
             drawn = line(ax, f"step {snap.step}")
             ys = np.asarray(drawn.get_ydata(), dtype=float)
-            want = np.asarray(getattr(snap, key), dtype=float)
+            want = np.asarray(snap.layers[key], dtype=float)
             keep = want > 0
             np.testing.assert_array_equal(drawn.get_xdata(), x)
             np.testing.assert_array_equal(ys[keep], want[keep])
@@ -165,7 +179,7 @@ def test_plotted_data_is_the_input():
     # Theory: forward as is; backward scaled onto the first snapshot's head.
     np.testing.assert_allclose(line(fwd_ax, THEORY_LABEL).get_ydata(), theory["signal_fwd"])
     bwd_theory = np.asarray(line(bwd_ax, THEORY_LABEL).get_ydata())
-    assert bwd_theory[-1] == pytest.approx(snaps[0].signal_bwd[-1])
+    assert bwd_theory[-1] == pytest.approx(snaps[0].layers["signal_bwd"][-1])
     np.testing.assert_allclose(bwd_theory / bwd_theory[-1], theory["signal_bwd"])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["step 0", "step 10", THEORY_LABEL]
 

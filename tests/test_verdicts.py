@@ -10,24 +10,24 @@ import math
 import pytest
 
 from gradexp.config import DiagnoseConfig
-from gradexp.verdicts import KINDS, Record, describe, judge, sustained
+from gradexp.record import StepRecord
+from gradexp.verdicts import KINDS, describe, judge, sustained
 
 LAYERS = ["hidden.0", "hidden.1", "hidden.2", "head"]
 NAN = math.nan
 
 
-def record(step: int, bwd: list[float], **kw) -> Record:
+def record(step: int, bwd: list[float], **kw) -> StepRecord:
     n = len(bwd)
-    return Record(
-        step=step,
-        grad_norm=kw.get("grad", [1.0] * n),
-        signal_bwd=bwd,
-        signal_fwd=[1.0] * n,
-        sat_frac=kw.get("sat", [NAN] * n),
-        dead_frac=kw.get("dead", [NAN] * n),
-        grad_total=kw.get("total", 1.0),
-        time=kw.get("time", {}),
-    )
+    layers = {
+        "grad_norm": kw.get("grad", [1.0] * n),
+        "signal_bwd": bwd,
+        "signal_fwd": [1.0] * n,
+        "sat_frac": kw.get("sat", [NAN] * n),
+        "dead_frac": kw.get("dead", [NAN] * n),
+    }
+    scalars = {"grad/norm_pre_clip": kw.get("total", 1.0)}
+    return StepRecord(step, scalars, layers, kw.get("time", {}))
 
 
 def kinds(verdicts: list[dict]) -> list[str]:
@@ -147,7 +147,7 @@ def test_recurrent_layers_are_judged_along_time():
     layers = ["recurrent.0", "head"]
     steps = [0, 10, 20, 29]
 
-    def rec(s: int, norms: list[float]) -> Record:
+    def rec(s: int, norms: list[float]) -> StepRecord:
         return record(s, [1.0, 1.0], time={"recurrent.0": (steps, norms)})
 
     vanish = [rec(s, [1e-9, 1e-6, 1e-3, 1.0]) for s in range(3)]

@@ -24,6 +24,8 @@ from gradexp.errors import ConfigError
 from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE
 
 __all__ = ["CHECKPOINT_FILE"]  # re-exported: where checkpoints are
+# The layout of a checkpoint (gradexp.train.Trainer.state_dict); another one is refused.
+CHECKPOINT_FORMAT = 2
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -179,6 +181,11 @@ def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any] | None:
             return None  # a sweep stopped before this job began: it starts from step 0
         raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
     state = load(checkpoint)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"trainer.resume=true: {checkpoint} was written by another version of gradexp"
+            " (its layout differs); start the run again"
+        )
     saved, now = state.get("config"), flat(cfg)
     if saved is not None:
         may_change = set(RESUME_MAY_CHANGE)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from gradexp.record import StepRecord
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,38 +46,21 @@ PANELS = (
 )
 
 
-@dataclass
-class FlowSnapshot:
-    """Per-layer gradient statistics at one training step.
-
-    Attributes:
-        step: the training step.
-        grad_norm: parameter-gradient L2 norm per depth layer, input to output; NaN
-            where missing.
-        signal_bwd: per-example RMS of dl/dh per layer.
-        signal_fwd: RMS of the layer output h per layer.
-        time: recurrent layer name -> (sampled time steps t, ||dL/dh_t|| at them).
-    """
-
-    step: int
-    grad_norm: list[float]
-    signal_bwd: list[float]
-    signal_fwd: list[float]
-    time: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-
-
 def missing_dependency() -> str | None:
     """Why figures cannot be drawn here, or None when they can.
 
     Returns:
         None when matplotlib imports, else a one-line message with the install hint.
     """
+    import importlib.util
+
+    # Found, not imported: importing matplotlib costs ~1 s, and a run draws its figure
+    # only at the end (or every trainer.figure_every steps).
     try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        return MISSING
-    return None
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        found = False
+    return None if found else MISSING
 
 
 def pick_steps(steps: Sequence[int], max_lines: int = 6) -> list[int]:
@@ -169,12 +153,18 @@ def _head_scale(theory: Sequence[float | None], measured: Sequence[float | None]
     return head / last
 
 
+def _values(snap: StepRecord, key: str, layers: int) -> list[float]:
+    """A snapshot's per-layer values of ``key`` (NaN for each layer when it has none)."""
+    values = snap.layers.get(key)
+    return [math.nan] * layers if values is None else values
+
+
 def _check_lengths(name: str, values: Sequence[float | None], layers: int) -> None:
     if len(values) != layers:
         raise ValueError(f"{name} has {len(values)} values for {layers} layers")
 
 
-def _time_panel(ax: Axes, shown: list[FlowSnapshot], colors: dict[int, tuple]) -> None:
+def _time_panel(ax: Axes, shown: list[StepRecord], colors: dict[int, tuple]) -> None:
     names = sorted({name for snap in shown for name in snap.time})
     style = {name: TIME_STYLES[i % len(TIME_STYLES)] for i, name in enumerate(names)}
     for snap in shown:
@@ -206,7 +196,7 @@ def _time_panel(ax: Axes, shown: list[FlowSnapshot], colors: dict[int, tuple]) -
 
 def flow_figure(
     layers: list[str],
-    snapshots: list[FlowSnapshot],
+    snapshots: list[StepRecord],
     theory: dict | None = None,
     title: str = "",
     max_lines: int = 6,
@@ -247,10 +237,10 @@ def flow_figure(
     theory = {k: v for k, v in (theory or {}).items() if k in ("signal_fwd", "signal_bwd")}
     for key, values in theory.items():
         _check_lengths(f"theory[{key!r}]", values, len(layers))
-    by_step: dict[int, FlowSnapshot] = {}
+    by_step: dict[int, StepRecord] = {}
     for snap in snapshots:
         for key, _, _ in PANELS:
-            _check_lengths(f"step {snap.step} {key}", getattr(snap, key), len(layers))
+            _check_lengths(f"step {snap.step} {key}", _values(snap, key, len(layers)), len(layers))
         by_step[snap.step] = snap
     chosen = pick_steps(list(by_step), max_lines)
     shown = [by_step[s] for s in chosen]
@@ -268,7 +258,7 @@ def flow_figure(
         for snap in shown:
             ax.plot(
                 x,
-                _positive(getattr(snap, key)),
+                _positive(_values(snap, key, len(layers))),
                 color=colors[snap.step],
                 lw=1.5,
                 marker=_marker(len(layers)),
@@ -282,7 +272,7 @@ def flow_figure(
     if "signal_fwd" in theory:
         _theory_line(fwd_ax, theory["signal_fwd"])
     if "signal_bwd" in theory and shown:
-        scale = _head_scale(theory["signal_bwd"], shown[0].signal_bwd)
+        scale = _head_scale(theory["signal_bwd"], _values(shown[0], "signal_bwd", len(layers)))
         if scale is not None:
             _theory_line(bwd_ax, theory["signal_bwd"], scale)
     for ax in axes[: len(PANELS)]:

@@ -24,6 +24,7 @@ class LayerMap:
 
     Attributes:
         tags: per-layer tag suffix, zero-padded index + module name ("00_hidden.0").
+        names: per-layer module name ("hidden.0").
         modules: the layer modules, whose outputs are the signals h.
         params: every trainable parameter, in layer order.
         param_names: their qualified names.
@@ -32,6 +33,7 @@ class LayerMap:
     """
 
     tags: list[str]
+    names: list[str]
     modules: list[nn.Module]
     params: list[nn.Parameter]
     param_names: list[str]
@@ -58,7 +60,8 @@ class LayerMap:
             names.append(pname)
         device = params[0].device
         index = torch.tensor(layer_of, device=device)
-        return cls(tags, [m for _, m in layers], params, names, layer_of, index)
+        layer_names = [name for name, _ in layers]
+        return cls(tags, layer_names, [m for _, m in layers], params, names, layer_of, index)
 
     def __len__(self) -> int:
         return len(self.tags)
@@ -68,20 +71,35 @@ class LayerMap:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def layer_sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Squared L2 norm of each layer's tensors taken together, shape (layers,), float64.
-
-        The norms are taken in the tensors' dtype by one foreach kernel; float32 squares
-        underflow for entries below ~1e-19, so the few norms under ``TINY`` (a vanished
-        gradient) are taken again in float64, where they read as tiny numbers, not 0.
-        (A float64 foreach norm costs ~25x the float32 one on CPU.)
-        """
-        norms = torch.stack(torch._foreach_norm(tensors)).double()
-        tiny = (norms < TINY).nonzero().flatten().tolist()  # on log steps; CPU: free
-        if tiny:
-            exact = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in tiny]
-            norms[tiny] = torch.stack(exact)
+        """Squared L2 norm of each layer's tensors taken together, shape (layers,), float64
+        (see ``norms``)."""
+        norms = tensor_norms(tensors)
         out = torch.zeros(len(self), device=norms.device, dtype=torch.float64)
         return out.index_add_(0, self.index, norms.square())
+
+    def flat_layer_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's gradient entries as one flat tensor."""
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.tags]
+        for i, g in zip(self.layer_of, grads):
+            per_layer[i].append(g.detach().flatten())
+        empty = grads[0].new_zeros(0) if grads else torch.zeros(0)
+        return [torch.cat(gs) if gs else empty for gs in per_layer]
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor, shape (len(tensors),), float64.
+
+    The norms are taken in the tensors' dtype by one foreach kernel; float32 squares
+    underflow for entries below ~1e-19, so the few norms under ``TINY`` (a vanished
+    gradient) are taken again in float64, where they read as tiny numbers, not 0.
+    (A float64 foreach norm costs ~25x the float32 one on CPU.)
+    """
+    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    tiny = (norms < TINY).nonzero().flatten().tolist()  # on log steps; CPU: free
+    if tiny:
+        exact = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in tiny]
+        norms[tiny] = torch.stack(exact)
+    return norms
 
 
 # Norms below this are recomputed in float64 (float32 squares of entries < ~1e-19 are 0).

@@ -29,38 +29,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from gradexp.config import DiagnoseConfig
+from gradexp.record import StepRecord, ratio
 
 KINDS = ("healthy", "vanishing", "exploding", "diverged", "dead_units", "saturated")
-
-
-@dataclass
-class Record:
-    """One logging step's per-layer statistics, on the host (NaN where not measured)."""
-
-    step: int
-    grad_norm: list[float]
-    signal_bwd: list[float]
-    signal_fwd: list[float]
-    sat_frac: list[float]
-    dead_frac: list[float]
-    grad_total: float
-    # Recurrent layer name -> (sampled time steps, ||dL/dh_t|| at them).
-    time: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _ratio(first: float, last: float) -> float | None:
-    """first / last, None when either is unusable (non-finite, or last not positive)."""
-    if not (_finite(first) and _finite(last)) or last <= 0:
-        return None
-    return first / last
+def _first_over_last(values: list[float]) -> float | None:
+    return ratio(values[0], values[-1])
 
 
 def sustained(
@@ -99,22 +81,24 @@ def _beyond(low: bool, threshold: float) -> Callable[[float], bool]:
     return (lambda v: v < threshold) if low else (lambda v: v > threshold)
 
 
-def _depth_ratio(layers: list[str], r: Record, cfg: DiagnoseConfig, low: bool) -> str | None:
+def _depth_ratio(layers: list[str], r: StepRecord, cfg: DiagnoseConfig, low: bool) -> str | None:
     """The layer nearest the output whose backward signal is past the threshold."""
-    head = r.signal_bwd[-1]
-    for name, v in reversed(list(zip(layers[:-1], r.signal_bwd[:-1]))):
-        ratio = _ratio(v, head)
+    bwd = r.layer("signal_bwd", len(layers))
+    head = bwd[-1]
+    for name, v in reversed(list(zip(layers[:-1], bwd[:-1]))):
+        value = ratio(v, head)
         threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
-        if ratio is not None and _beyond(low, threshold)(ratio):
+        if value is not None and _beyond(low, threshold)(value):
             return name
     return None
 
 
 def _along_depth(
-    layers: list[str], records: list[Record], cfg: DiagnoseConfig
+    layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig
 ) -> list[dict[str, Any]]:
     out = []
-    values = [(r.step, _ratio(r.signal_bwd[0], r.signal_bwd[-1])) for r in records]
+    n = len(layers)
+    values = [(r.step, _first_over_last(r.layer("signal_bwd", n))) for r in records]
     by_step = {r.step: r for r in records}
     for kind, low in (("exploding", False), ("vanishing", True)):
         threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
@@ -140,7 +124,7 @@ def _along_depth(
     return out
 
 
-def _along_time(records: list[Record], cfg: DiagnoseConfig, tbptt: int) -> list[dict[str, Any]]:
+def _along_time(records: list[StepRecord], cfg: DiagnoseConfig, tbptt: int) -> list[dict[str, Any]]:
     out = []
     names = list(dict.fromkeys(name for r in records for name in r.time))
     for name in names:
@@ -156,7 +140,7 @@ def _along_time(records: list[Record], cfg: DiagnoseConfig, tbptt: int) -> list[
             if len(kept) < 2:
                 continue
             span = (kept[0][0], kept[-1][0])
-            values.append((r.step, _ratio(kept[0][1], kept[-1][1])))
+            values.append((r.step, ratio(kept[0][1], kept[-1][1])))
         if span is None:
             continue
         for kind, low in (("exploding", False), ("vanishing", True)):
@@ -182,10 +166,12 @@ def _along_time(records: list[Record], cfg: DiagnoseConfig, tbptt: int) -> list[
     return out
 
 
-def _past_bound(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -> dict | None:
+def _past_bound(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
     for r in records:
-        if _finite(r.grad_total) and r.grad_total > cfg.grad_bound:
-            finite = [(v, name) for v, name in zip(r.grad_norm, layers) if _finite(v)]
+        total = r.scalars.get("grad/norm_pre_clip")
+        if _finite(total) and total > cfg.grad_bound:
+            grad = r.layer("grad_norm", len(layers))
+            finite = [(v, name) for v, name in zip(grad, layers) if _finite(v)]
             return {
                 "kind": "exploding",
                 "layer": max(finite)[1] if finite else None,
@@ -193,18 +179,19 @@ def _past_bound(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -
                 "evidence": {
                     "axis": "norm",
                     "quantity": "grad/norm_pre_clip",
-                    "value": r.grad_total,
+                    "value": total,
                     "threshold": cfg.grad_bound,
                 },
             }
     return None
 
 
-def _saturated(layers: list[str], records: list[Record], cfg: DiagnoseConfig) -> dict | None:
+def _saturated(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
     """The layer whose saturated share first stays at or above the threshold."""
     found = []
     for i, name in enumerate(layers):
-        values = [(r.step, r.sat_frac[i] if _finite(r.sat_frac[i]) else None) for r in records]
+        sat = [(r.step, r.layer("sat_frac", len(layers))[i]) for r in records]
+        values = [(step, v if _finite(v) else None) for step, v in sat]
         hit = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
         if hit is not None:
             found.append((hit["step"], -hit["value"], name, hit))
@@ -227,7 +214,7 @@ def _saturated(layers: list[str], records: list[Record], cfg: DiagnoseConfig) ->
 
 
 def _dead(
-    layers: list[str], records: list[Record], cfg: DiagnoseConfig, dead: list[dict | None]
+    layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig, dead: list[dict | None]
 ) -> dict | None:
     never = [(d["never_recovered"], i) for i, d in enumerate(dead) if d is not None]
     over = [(v, i) for v, i in never if v >= cfg.dead_frac]
@@ -236,7 +223,11 @@ def _dead(
     fraction, i = max(over)
     # The first logging step at which that layer's dead share reached the threshold.
     step = next(
-        (r.step for r in records if _finite(r.dead_frac[i]) and r.dead_frac[i] >= cfg.dead_frac),
+        (
+            r.step
+            for r in records
+            if _finite(v := r.layer("dead_frac", len(layers))[i]) and v >= cfg.dead_frac
+        ),
         records[-1].step if records else None,
     )
     return {
@@ -255,7 +246,7 @@ def _dead(
 
 def judge(
     layers: list[str],
-    records: list[Record],
+    records: list[StepRecord],
     cfg: DiagnoseConfig,
     *,
     nonfinite: dict[str, Any] | None = None,
@@ -300,7 +291,7 @@ def judge(
             out.append(verdict)
     if not out:
         last = records[-1] if records else None
-        ratio = _ratio(last.signal_bwd[0], last.signal_bwd[-1]) if last else None
+        value = _first_over_last(last.layer("signal_bwd", len(layers))) if last else None
         out.append(
             {
                 "kind": "healthy",
@@ -308,7 +299,7 @@ def judge(
                 "step": last.step if last else None,
                 "evidence": {
                     "quantity": f"signal_bwd {layers[0]} / {layers[-1]}",
-                    "ratio": ratio,
+                    "ratio": value,
                     "logged_steps": len(records),
                 },
             }

@@ -1,0 +1,696 @@
+"""Probes: the instruments the loop calls at fixed points of a logging step.
+
+A probe declares what it measures (``quantities``, see gradexp.record.Quantity) and
+acts in some of the step's phases: ``hooks()`` is entered around forward and
+backward; ``after_backward``, ``after_clip``, ``before_update`` and ``after_update``
+return device tensors (or host floats) keyed by quantity name. The trainer brings all
+of a step's values to the host in one transfer, then each probe's ``read`` puts them
+into the step's ``StepRecord``. Nothing runs on a step whose plan a probe is not
+``active`` for, so a step that does not log pays nothing. A probe with state (the
+dead-unit tracker) saves and restores it with ``state_dict`` / ``load_state_dict``.
+
+Adding a per-layer quantity is one probe (or one more declaration in a probe): the
+tags, the Custom Scalars chart, summary.json's keys and the checkpoint follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradexp import telemetry
+from gradexp.record import Quantity, StepRecord, ratio
+from gradexp.telemetry import LayerMap, histogram_from_stats, histogram_stats
+
+if TYPE_CHECKING:
+    from gradexp.clipping import ClipMode
+    from gradexp.data import Dataset
+
+Stats = dict[str, "torch.Tensor | float"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What this step does besides training: one object instead of five flags.
+
+    ``log``: statistics are taken and logged; histograms, evaluations and figures ride
+    on log steps (they need the statistics), and so does the last step.
+    """
+
+    log: bool
+    hist: bool
+    eval: bool
+    figure: bool
+    checkpoint: bool
+
+    @classmethod
+    def of(
+        cls,
+        step: int,
+        steps: int,
+        log_every: int,
+        hist_every: int,
+        eval_every: int,
+        figure_every: int = 0,
+        checkpoint_every: int = 0,
+    ) -> StepPlan:
+        final = step == steps - 1
+        hist = step % hist_every == 0
+        evaluate = step % eval_every == 0 or final
+        figure = bool(figure_every) and step % figure_every == 0 and not final
+        log = step % log_every == 0 or hist or evaluate or figure or final
+        checkpoint = bool(checkpoint_every) and (step + 1) % checkpoint_every == 0
+        return cls(log, hist, evaluate, figure, checkpoint)
+
+
+@dataclass
+class StepContext:
+    """What the loop hands its probes about the current step.
+
+    Attributes:
+        step: the training step.
+        plan: the step's plan.
+        loss: the batch loss (detached, float32).
+        output: the model's output (detached).
+        target: the batch's targets.
+        grads: each parameter's gradient, after AMP unscaling, in ``LayerMap`` order.
+        grad_sq: per-layer squared gradient norms before clipping (float64; None on a
+            step that took none).
+        lr: the learning rate of this step's update.
+        clip: the clip mode's statistics (after clipping, on log steps).
+    """
+
+    step: int
+    plan: StepPlan
+    loss: torch.Tensor
+    output: torch.Tensor
+    target: torch.Tensor
+    grads: list[torch.Tensor]
+    grad_sq: torch.Tensor | None
+    lr: float
+    clip: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Probe:
+    """The base: a probe that measures nothing, in no phase. Subclasses declare
+    ``quantities`` and override the phases they act in."""
+
+    name = "probe"  # its key in the checkpoint
+    quantities: list[Quantity] = []
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.log
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        return {}
+
+    def after_clip(self, ctx: StepContext) -> Stats:
+        return {}
+
+    def before_update(self, ctx: StepContext) -> Stats:
+        return {}
+
+    def after_update(self, ctx: StepContext) -> Stats:
+        return {}
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        """Put this probe's host values into ``record``: by default every declared
+        per-layer, per-parameter and scalar quantity that this step measured."""
+        for q in self.quantities:
+            values = host.get(q.name)
+            if values is None:
+                continue
+            if q.kind == "scalar":
+                record.scalars[q.name] = values[0]
+            elif q.kind == "layer":
+                record.layers[q.name] = values
+            elif q.kind == "param":
+                record.params[q.name] = values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        pass
+
+
+class TaskProbe(Probe):
+    """The task's numbers: training loss and accuracy, the input-blind baseline, the
+    learning rate, the speed, the fp16 loss scale."""
+
+    name = "task"
+
+    def __init__(self, data: Dataset, scaler: torch.amp.GradScaler, start_step: int) -> None:
+        self.data = data
+        self.scaler = scaler
+        self.last = (time.perf_counter(), start_step - 1)
+        loss_chart, acc_chart = "loss (train, test) and the input-blind baseline", None
+        if not data.spec.regression:
+            acc_chart = "accuracy (train, test)"
+        task = {"section": "task", "kind": "scalar"}
+        self.quantities = [
+            Quantity(
+                "loss/train",
+                doc="training loss of the batch",
+                chart=loss_chart,
+                summary=True,
+                **task,
+            ),
+            Quantity(
+                "loss/baseline",
+                doc="the loss of the best input-blind prediction",
+                chart=loss_chart,
+                summary=True,
+                **task,
+            ),
+            *(
+                [
+                    Quantity(
+                        "acc/train",
+                        doc="training accuracy of the batch",
+                        chart=acc_chart,
+                        summary=True,
+                        **task,
+                    )
+                ]
+                if acc_chart
+                else []
+            ),
+            Quantity("opt/lr", "scalar", "the learning rate of the step's update"),
+            Quantity("perf/steps_per_s", "scalar", "training speed since the last log step"),
+            *(
+                [
+                    Quantity(
+                        "amp/scale",
+                        "scalar",
+                        "the gradient scaler's scale",
+                        when="trainer.amp=fp16",
+                    )
+                ]
+                if scaler.is_enabled()
+                else []
+            ),
+        ]
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        out: Stats = {"loss/train": ctx.loss, "loss/baseline": self.data.baseline, "opt/lr": ctx.lr}
+        hits = self.data.correct(ctx.output, ctx.target)
+        if hits is not None:
+            out["acc/train"] = hits / ctx.target.numel()
+        return out
+
+    def after_update(self, ctx: StepContext) -> Stats:
+        now = time.perf_counter()
+        (then, step), self.last = self.last, (now, ctx.step)
+        out: Stats = {"perf/steps_per_s": (ctx.step - step) / max(now - then, 1e-9)}
+        if self.scaler.is_enabled():
+            out["amp/scale"] = self.scaler.get_scale()
+        return out
+
+
+class EvalProbe(Probe):
+    """Loss and accuracy on the whole test set, on eval steps (after the update)."""
+
+    name = "eval"
+
+    def __init__(self, evaluate: Callable[[], torch.Tensor], regression: bool) -> None:
+        self.evaluate = evaluate
+        task = {"section": "task", "kind": "scalar", "summary": True, "when": "eval steps"}
+        self.quantities = [
+            Quantity(
+                "loss/test",
+                doc="loss on the whole test set (eval mode)",
+                chart="loss (train, test) and the input-blind baseline",
+                **task,
+            ),
+            *(
+                []
+                if regression
+                else [
+                    Quantity(
+                        "acc/test",
+                        doc="accuracy on the whole test set",
+                        chart="accuracy (train, test)",
+                        **task,
+                    )
+                ]
+            ),
+        ]
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.eval
+
+    def after_update(self, ctx: StepContext) -> Stats:
+        return {"eval": self.evaluate()}
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        if "eval" in host:
+            loss, acc = host["eval"]
+            record.scalars["loss/test"] = loss
+            if not math.isnan(acc):  # NaN: a regression task
+                record.scalars["acc/test"] = acc
+
+
+class GradNormProbe(Probe):
+    """Each layer's gradient norm before clipping (and after, when clipping), and the
+    total norm: the core of the gradient-flow picture."""
+
+    name = "grad_norm"
+
+    def __init__(self, layers: LayerMap, clipping: bool) -> None:
+        self.layers = layers
+        self.clipping = clipping
+        total = {
+            "kind": "scalar",
+            "chart": "total gradient norm",
+            "section": "clipping",
+            "log_scale": True,
+        }
+        self.quantities = [
+            Quantity(
+                "grad_norm",
+                doc="‖∂L/∂W‖ of the layer's parameters, before clipping",
+                chart="gradient norm per layer",
+                log_scale=True,
+                summary=True,
+            ),
+            Quantity("grad/norm_pre_clip", doc="total gradient norm before clipping", **total),
+            Quantity(
+                "flow/grad_norm_ratio",
+                "scalar",
+                summary=True,
+                doc="grad_norm of the first layer / the last",
+            ),
+        ]
+        if clipping:
+            self.quantities += [
+                Quantity(
+                    "grad_norm_clipped",
+                    doc="‖∂L/∂W‖ after clipping",
+                    when="log steps, clip != none",
+                    log_scale=True,
+                ),
+                Quantity(
+                    "grad/norm_post_clip",
+                    doc="total gradient norm after clipping",
+                    when="log steps, clip != none",
+                    **total,
+                ),
+            ]
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        assert ctx.grad_sq is not None
+        return {"grad_norm": ctx.grad_sq.sqrt(), "grad/norm_pre_clip": ctx.grad_sq.sum().sqrt()}
+
+    def after_clip(self, ctx: StepContext) -> Stats:
+        if not self.clipping:
+            return {}
+        post = self.layers.layer_sq_norms(ctx.grads)
+        return {"grad_norm_clipped": post.sqrt(), "grad/norm_post_clip": post.sum().sqrt()}
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        super().read(host, record)
+        norms = host["grad_norm"]
+        record.scalars["flow/grad_norm_ratio"] = _ratio(norms[0], norms[-1])
+
+
+def _ratio(first: float, last: float) -> float:
+    """For TensorBoard: first / last, NaN where it is not a number (see record.ratio)."""
+    r = ratio(first, last)
+    return math.nan if r is None else r
+
+
+class ParamNormProbe(Probe):
+    """trainer.per_param=true: every parameter's gradient norm.
+
+    A vanished gradient (entries below ~1e-19) has a float32 norm of exactly 0; such
+    norms are taken again in float64, as the per-layer ones are.
+    """
+
+    name = "param_norm"
+
+    def __init__(self) -> None:
+        self.quantities = [
+            Quantity(
+                "grad_norm_param",
+                "param",
+                "each parameter's gradient norm",
+                when="trainer.per_param=true",
+            )
+        ]
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        return {"grad_norm_param": telemetry.tensor_norms(ctx.grads)}
+
+
+class HistogramProbe(Probe):
+    """Histograms of each layer's gradient entries (hist steps), and how many were not
+    finite (counted apart: a histogram holds finite values only)."""
+
+    name = "histogram"
+
+    def __init__(self, layers: LayerMap) -> None:
+        self.layers = layers
+        self.quantities = [
+            Quantity(
+                "grad_hist",
+                "hist",
+                "histogram of the layer's gradient entries (finite ones)",
+                when="hist steps",
+            ),
+            Quantity(
+                "grad_nonfinite",
+                doc="count of non-finite gradient entries in the layer",
+                when="hist steps",
+            ),
+        ]
+
+    def active(self, plan: StepPlan) -> bool:
+        return plan.hist
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        grads = self.layers.flat_layer_grads(ctx.grads)
+        return {"grad_hist": torch.stack([histogram_stats(g) for g in grads])}
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        flat = host["grad_hist"]
+        width = len(flat) // len(self.layers)
+        rows = [flat[i * width : (i + 1) * width] for i in range(len(self.layers))]
+        record.layers["grad_nonfinite"] = [row[0] for row in rows]
+        record.hists["grad_hist"] = [histogram_from_stats(row) for row in rows]
+
+
+class SignalProbe(Probe):
+    """Each layer's forward signal RMS(h) and backward signal, the per-example RMS of
+    dl/dh (see telemetry.SignalProbe): hooks on log steps only."""
+
+    name = "signal"
+
+    def __init__(self, layers: LayerMap, scaler: torch.amp.GradScaler, device: torch.device):
+        self.layers, self.scaler, self.device = layers, scaler, device
+        self.probe: telemetry.SignalProbe | None = None
+        self.quantities = [
+            Quantity(
+                "signal_bwd",
+                doc="backward signal: per-example RMS of ∂ℓ/∂h",
+                chart="backward signal per layer",
+                log_scale=True,
+                summary=True,
+            ),
+            Quantity(
+                "signal_fwd",
+                doc="forward signal: RMS of the layer output h",
+                chart="forward signal per layer",
+                log_scale=True,
+                summary=True,
+            ),
+            Quantity(
+                "flow/signal_bwd_ratio",
+                "scalar",
+                summary=True,
+                doc="signal_bwd of the first layer / the last",
+            ),
+            Quantity("flow/signal_fwd_ratio", "scalar", "signal_fwd of the first layer / the last"),
+        ]
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        self.probe = telemetry.SignalProbe(self.layers.modules)
+        return self.probe
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        assert self.probe is not None
+        fwd, bwd = self.probe.result(self.device)
+        if self.scaler.is_enabled():
+            bwd = bwd / self.scaler.get_scale()  # tensor hooks saw the scaled loss
+        self.probe = None
+        return {"signal_fwd": fwd, "signal_bwd": bwd}
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        super().read(host, record)
+        for key in ("signal_bwd", "signal_fwd"):
+            values = host[key]
+            record.scalars[f"flow/{key}_ratio"] = _ratio(values[0], values[-1])
+
+
+class TimeProbe(Probe):
+    """||dL/dh_t||, the gradient that reaches each sampled time step t, for every
+    recurrent layer unrolled in Python (see telemetry.TimeProbe)."""
+
+    name = "time"
+
+    def __init__(self, layers: LayerMap, samples: int) -> None:
+        self.traced = [
+            (name, tag, m)
+            for name, tag, m in zip(layers.names, layers.tags, layers.modules)
+            if getattr(m, "traceable", False)
+        ]
+        self.samples = samples
+        self.probe: telemetry.TimeProbe | None = None
+        self.quantities = [
+            Quantity(
+                "time_grad",
+                "time",
+                "‖∂L/∂h_t‖ at trainer.time_samples time steps",
+                when="log steps, recurrent models",
+            ),
+            Quantity(
+                "flow/time_grad_ratio",
+                "scalar",
+                summary=True,
+                doc="‖∂L/∂h_0‖ / ‖∂L/∂h_{T-1}‖ of the recurrent layer nearest the loss",
+            ),
+        ]
+
+    @property
+    def tags(self) -> list[str]:
+        return [tag for _, tag, _ in self.traced]
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        self.probe = telemetry.TimeProbe([m for _, _, m in self.traced], self.samples)
+        return self.probe
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        assert self.probe is not None
+        self.steps = {}
+        out: Stats = {}
+        for (name, _, _), (steps, norms) in zip(self.traced, self.probe.result()):
+            self.steps[name] = steps
+            out[f"time:{name}"] = norms
+        self.probe = None
+        return out
+
+    def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
+        for name, _, _ in self.traced:
+            norms = host.get(f"time:{name}")
+            if norms:
+                record.time[name] = (self.steps[name], norms)
+                # The last recurrent layer (nearest the loss) is the one reported.
+                record.scalars["flow/time_grad_ratio"] = _ratio(norms[0], norms[-1])
+
+
+class WeightProbe(Probe):
+    """Each layer's weight norm, and the size of the step's update relative to it.
+
+    ``buffers``: for heavy-ball SGD, whose update is -lr * momentum buffer, a function
+    that reads the buffers after the step; None for any other optimizer (or a skipping
+    fp16 scaler), whose update needs the parameters copied before the step and
+    subtracted after it.
+    """
+
+    name = "weight"
+
+    def __init__(
+        self, layers: LayerMap, buffers: Callable[[], list[torch.Tensor]] | None = None
+    ) -> None:
+        self.layers = layers
+        self.buffers = buffers
+        self.snapshot: list[torch.Tensor] | None = None
+        self.weight = torch.zeros(len(layers))
+        self.lr = 0.0
+        self.quantities = [
+            Quantity(
+                "weight_norm",
+                doc="‖W‖ of the layer's parameters",
+                chart="weight norm per layer",
+                log_scale=True,
+                summary=True,
+            ),
+            Quantity(
+                "update_ratio",
+                doc="‖ΔW‖ / ‖W‖ of the step's update",
+                chart="update/weight ratio per layer",
+                log_scale=True,
+                summary=True,
+            ),
+        ]
+
+    def before_update(self, ctx: StepContext) -> Stats:
+        params = [p.detach() for p in self.layers.params]
+        self.weight = self.layers.layer_sq_norms(params).sqrt()
+        self.lr = ctx.lr
+        if self.buffers is None:
+            if self.snapshot is None:
+                self.snapshot = [p.clone() for p in params]
+            else:
+                torch._foreach_copy_(self.snapshot, params)
+        return {"weight_norm": self.weight}
+
+    def after_update(self, ctx: StepContext) -> Stats:
+        if self.buffers is not None:
+            update_sq = self.layers.layer_sq_norms(self.buffers()) * self.lr**2
+        else:
+            assert self.snapshot is not None
+            torch._foreach_sub_(self.snapshot, [p.detach() for p in self.layers.params])
+            update_sq = self.layers.layer_sq_norms(self.snapshot)
+        ratio = torch.where(self.weight > 0, update_sq.sqrt() / self.weight, math.nan)
+        return {"update_ratio": ratio}
+
+
+class ActivationHealthProbe(Probe):
+    """Activation health per layer: mean, std, saturated share (sigmoid, tanh) and dead
+    units (see telemetry.ActivationProbe), and which units are dead for good (its state,
+    saved in checkpoints)."""
+
+    name = "activation_health"
+
+    def __init__(self, layers: LayerMap, sustain: int, device: torch.device) -> None:
+        self.acts = telemetry.activation_modules(layers.modules)
+        self.n = len(layers)
+        self.device = device
+        self.dead_units = telemetry.DeadUnits(self.acts, self.n, sustain)
+        self.probe: telemetry.ActivationProbe | None = None
+        has = set(telemetry.health_quantities(self.acts))
+        docs = {
+            "act_mean": ("activation mean per layer", "mean of the layer's activation outputs"),
+            "act_std": ("activation std per layer", "std of the layer's activation outputs"),
+            "sat_frac": (
+                "saturated share of units per layer (sigmoid, tanh)",
+                "share of sigmoid/tanh outputs in the flat regions",
+            ),
+            "dead_frac": ("dead units per layer", "share of the layer's units dead in the batch"),
+        }
+        self.quantities = [
+            Quantity(
+                key,
+                doc=doc,
+                sparse=True,
+                chart=title if key in has else None,
+                section="activation health",
+                summary=True,
+            )
+            for key, (title, doc) in docs.items()
+        ]
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        self.probe = telemetry.ActivationProbe(self.acts, self.n)
+        return self.probe
+
+    def after_backward(self, ctx: StepContext) -> Stats:
+        assert self.probe is not None
+        stats = self.probe.result(self.device)
+        self.dead_units.update(self.probe.dead_masks())
+        self.probe = None
+        return dict(stats)
+
+    def result(self) -> list[dict[str, float] | None]:
+        """Per layer, the shares of units that ever died / came back / never recovered."""
+        return self.dead_units.result()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dead_units.state()
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.dead_units.load_state(state, device)
+
+
+class ClipProbe(Probe):
+    """The clip mode's own statistics, as it declares them (clipping.ClipMode.stats)."""
+
+    name = "clip"
+
+    def __init__(self, mode: ClipMode) -> None:
+        self.declared = dict(mode.stats)
+        self.quantities = list(dict.fromkeys(self.declared.values()))
+
+    def after_clip(self, ctx: StepContext) -> Stats:
+        undeclared = set(ctx.clip) - set(self.declared)
+        if undeclared:  # never dropped silently
+            raise KeyError(f"clip statistics {sorted(undeclared)} are not declared in .stats")
+        return {self.declared[k].name: v for k, v in ctx.clip.items()}
+
+
+@contextlib.contextmanager
+def hooks(probes: list[Probe]) -> Iterator[None]:
+    """Every probe's hooks, while entered; all are removed on exit, on every path."""
+    with contextlib.ExitStack() as stack:
+        for probe in probes:
+            stack.enter_context(probe.hooks())
+        yield
+
+
+def collect(probes: list[Probe], phase: str, ctx: StepContext) -> Stats:
+    """What the probes measure in ``phase`` (after_backward, after_clip, ...)."""
+    out: Stats = {}
+    for probe in probes:
+        out.update(getattr(probe, phase)(ctx))
+    return out
+
+
+def to_host(stats: Stats) -> dict[str, list[float]]:
+    """A step's values on the host, in one transfer: every tensor as float64 (tiny
+    squared norms, a vanished gradient, are not representable in float32)."""
+    tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}
+    flat = (
+        torch.cat([v.detach().double().flatten() for v in tensors.values()]).tolist()
+        if tensors
+        else []
+    )
+    host: dict[str, list[float]] = {}
+    offset = 0
+    for k, v in tensors.items():
+        host[k] = flat[offset : offset + v.numel()]
+        offset += v.numel()
+    host.update({k: [float(v)] for k, v in stats.items() if not isinstance(v, torch.Tensor)})
+    return host
+
+
+def default_probes(
+    *,
+    layers: LayerMap,
+    data: Dataset,
+    scaler: torch.amp.GradScaler,
+    clip: ClipMode,
+    evaluate: Callable[[], torch.Tensor],
+    buffers: Callable[[], list[torch.Tensor]] | None,
+    device: torch.device,
+    start_step: int,
+    per_param: bool,
+    time_samples: int,
+    sustain: int,
+) -> list[Probe]:
+    """Every instrument of a run, in the order their quantities are listed."""
+    probes: list[Probe] = [
+        TaskProbe(data, scaler, start_step),
+        EvalProbe(evaluate, data.spec.regression),
+        GradNormProbe(layers, clipping=clip.cfg.name != "none"),
+        SignalProbe(layers, scaler, device),
+        WeightProbe(layers, buffers),
+        ActivationHealthProbe(layers, sustain, device),
+        HistogramProbe(layers),
+        ClipProbe(clip),
+    ]
+    time_probe = TimeProbe(layers, time_samples)
+    if time_probe.traced:
+        probes.append(time_probe)
+    if per_param:
+        probes.append(ParamNormProbe())
+    return probes
