@@ -464,7 +464,7 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
         path: the PNG to write; parent directories are made.
 
     Raises:
-        ImportError: matplotlib is missing (check figures.missing_dependency() first).
+        ImportError: matplotlib is missing or broken.
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -600,12 +600,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         return _error(f"cannot write {e.filename}: {e.strerror}")
     if args.png:
+        # Found is not enough: a broken install is found and fails to import.
         missing = figures.missing_dependency()
+        try:
+            if not missing:
+                flow_grid_png(rows, varying(rows), args.png)
+        except ImportError:
+            missing = figures.MISSING
+        except OSError as e:
+            return _error(f"cannot write {e.filename}: {e.strerror}")
         if missing:
             print(missing, file=sys.stderr)
-        else:
-            try:
-                flow_grid_png(rows, varying(rows), args.png)
-            except OSError as e:
-                return _error(f"cannot write {e.filename}: {e.strerror}")
     return 0
