@@ -32,6 +32,7 @@ from conftest import (
     scalar_series,
     train,
 )
+from gradexp.config import EXECUTION_KEYS
 
 TAGS = layer_tags(TINY_DEPTH)  # 00_hidden.0, 01_hidden.1, 02_hidden.2, 03_head
 NAMES = [t.split("_", 1)[1] for t in TAGS]
@@ -39,6 +40,11 @@ LOG_STEPS = [0, 2, 3, 4, 5]  # log_every=2, hist/eval_every=3, and the last step
 GROUPS = ("model", "activation", "init", "norm", "clip", "optim", "data", "trainer")
 PER_LAYER_SCALARS = ("grad_norm", "weight_norm", "update_ratio", "signal_bwd", "signal_fwd")
 FINAL_METRICS = ("loss/train", "acc/train", "loss/test", "acc/test")
+
+
+CONFIG_YAML = yaml.safe_load(
+    (Path(gradexp.__file__).parent / "configs" / "config.yaml").read_text()
+)
 
 
 def group_options(group: str) -> list[str]:
@@ -300,6 +306,13 @@ def test_multirun_writes_one_dir_per_job(tmp_path: Path) -> None:
         assert f"grad_norm/{TAGS[0]}" in acc.Tags()["scalars"]
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert config["init"]["name"] == init
+
+
+def test_run_names_leave_out_the_execution_keys() -> None:
+    # Hydra reads them from config.yaml: the same keys as config.EXECUTION_KEYS, which
+    # preflight (a sweep's job names), gradexp report and resume use.
+    override_dirname = CONFIG_YAML["hydra"]["job"]["config"]["override_dirname"]
+    assert override_dirname["exclude_keys"] == ["experiment", *EXECUTION_KEYS]
 
 
 def test_default_run_dir(tmp_path: Path) -> None:
@@ -653,10 +666,9 @@ def test_train_help_lists_every_group_and_option(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
-HELP = yaml.safe_load((Path(gradexp.__file__).parent / "configs" / "config.yaml").read_text())
 HELP_EXAMPLES = [
     line.strip()
-    for line in HELP["hydra"]["help"]["footer"].splitlines()
+    for line in CONFIG_YAML["hydra"]["help"]["footer"].splitlines()
     if line.strip().startswith("gradexp ")
 ]
 # Appended to each example: two steps on a little data (every model and task has these).

@@ -20,6 +20,10 @@ from omegaconf import MISSING
 from gradexp.errors import ConfigError
 
 PROGRESS_MODES = ("auto", "rich", "plain", "off")
+# Keys that change how a run executes or is shown, never what it computes: never in a run
+# directory's name (configs/config.yaml's exclude_keys), never a `gradexp report` column,
+# and free to change when a run is resumed.
+EXECUTION_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.resume")
 # Initializers an identity init may fall back to for non-square weights.
 FALLBACK_INITS = (
     "lecun_normal",

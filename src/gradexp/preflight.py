@@ -22,7 +22,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Override
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from gradexp.config import ALIASES, SCHEMAS, Config, resolve_alias, to_config
+from gradexp.config import ALIASES, EXECUTION_KEYS, SCHEMAS, Config, resolve_alias, to_config
 from gradexp.errors import ConfigError
 
 MAX_JOBS = 512  # compose at most this many jobs of a sweep up front
@@ -175,10 +175,6 @@ def check_plugins(args: list[str]) -> None:
             )
 
 
-# Never in a run directory's name: they do not change what a run computes.
-UNNAMED_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.resume")
-
-
 def sweep_name_args(args: list[str]) -> list[str]:
     """For a sweep: the override that leaves the keys every job shares out of the job
     directory names, so a job is named by its number and what varies (0_init=normal;
@@ -196,7 +192,7 @@ def sweep_name_args(args: list[str]) -> list[str]:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
     shared = [key for key, seen in values.items() if len(seen) == 1]
-    keys = ",".join(dict.fromkeys([*UNNAMED_KEYS, *shared]))
+    keys = ",".join(dict.fromkeys([*EXECUTION_KEYS, *shared]))
     return [f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
 
 

@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradexp import figures
+from gradexp.config import EXECUTION_KEYS
 from gradexp.display import VERDICT_STYLE, _fmt
 from gradexp.rundir import SUMMARY_FILE
 
@@ -35,9 +36,8 @@ EVENTS_PREFIX = "events.out.tfevents."
 NO_SUMMARY = "no summary"
 CORRUPT_SUMMARY = "corrupt summary"
 
-# Overrides that change how a run is executed or where it is written, not what it
-# measures: never a column.
-IGNORED_OVERRIDES = ("trainer.progress", "trainer.device", "trainer.threads", "trainer.resume")
+# Hydra's own overrides change where a run is written, not what it measures: never a
+# column (nor are config.EXECUTION_KEYS).
 IGNORED_PREFIX = "hydra."
 
 METRICS = ("loss/train", "loss/test", "acc/train", "acc/test")
@@ -252,7 +252,7 @@ def varying(rows: Sequence[RunRow]) -> list[str]:
     return [
         k
         for k in keys
-        if k not in IGNORED_OVERRIDES
+        if k not in EXECUTION_KEYS
         and not k.startswith(IGNORED_PREFIX)
         and len({row.overrides.get(k) for row in rows}) > 1
     ]
