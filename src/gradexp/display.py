@@ -174,3 +174,17 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(layer_table(summary))
     console.print(verdict_table(summary))
     console.print(status_line(summary), highlight=False, soft_wrap=True)
+    if summary.get("fold"):
+        console.print(fold_line(summary["fold"]), highlight=False, soft_wrap=True)
+
+
+def fold_line(fold: dict[str, Any]) -> str:
+    """norm=batch: the folded model against the trained one, one line."""
+    acc = fold.get("acc/test")
+    acc_part = f", acc/test {_fmt(acc)}" if acc is not None and not math.isnan(acc) else ""
+    left = f" ({fold['remaining']} left in place)" if fold.get("remaining") else ""
+    return (
+        f"BatchNorm folded into {fold['folded']} layers{left}: loss/test"
+        f" {_fmt(fold['loss/test'])}{acc_part}, max |output difference|"
+        f" {_fmt(fold['max_abs_diff'])}, inference speedup {fold['speedup']:.2f}x"
+    )

@@ -509,13 +509,14 @@ class WeightProbe(Probe):
     name = "weight"
 
     def __init__(
-        self, layers: LayerMap, buffers: Callable[[], list[torch.Tensor]] | None = None
+        self, layers: LayerMap, buffers: Callable[[], list[torch.Tensor] | None] | None = None
     ) -> None:
         self.layers = layers
         self.buffers = buffers
         self.snapshot: list[torch.Tensor] | None = None
         self.weight = torch.zeros(len(layers))
         self.lr = 0.0
+        self.read_buffers = False
         self.quantities = [
             Quantity(
                 "weight_norm",
@@ -537,7 +538,9 @@ class WeightProbe(Probe):
         params = [p.detach() for p in self.layers.params]
         self.weight = self.layers.layer_sq_norms(params).sqrt()
         self.lr = ctx.lr
-        if self.buffers is None:
+        # The optimizer decides (None: not heavy-ball SGD, e.g. one swapped in after setup).
+        self.read_buffers = self.buffers is not None and self.buffers() is not None
+        if not self.read_buffers:
             if self.snapshot is None:
                 self.snapshot = [p.clone() for p in params]
             else:
@@ -545,8 +548,10 @@ class WeightProbe(Probe):
         return {"weight_norm": self.weight}
 
     def after_update(self, ctx: StepContext) -> Stats:
-        if self.buffers is not None:
-            update_sq = self.layers.layer_sq_norms(self.buffers()) * self.lr**2
+        if self.read_buffers:
+            buffers = self.buffers()  # type: ignore[misc]
+            assert buffers is not None
+            update_sq = self.layers.layer_sq_norms(buffers) * self.lr**2
         else:
             assert self.snapshot is not None
             torch._foreach_sub_(self.snapshot, [p.detach() for p in self.layers.params])
@@ -670,7 +675,7 @@ def default_probes(
     scaler: torch.amp.GradScaler,
     clip: ClipMode,
     evaluate: Callable[[], torch.Tensor],
-    buffers: Callable[[], list[torch.Tensor]] | None,
+    buffers: Callable[[], list[torch.Tensor] | None] | None,
     device: torch.device,
     start_step: int,
     per_param: bool,

@@ -154,6 +154,7 @@ class Trainer:
         self.theory: dict[str, Any] | None = None
         self.jacobian: dict[str, Any] | None = None
         self.theory_logged = self.resumed
+        self.fold: dict[str, Any] | None = None
 
         skip = t.on_nonfinite == OnNonfinite.skip
         self.guard = FiniteGuard(
@@ -164,18 +165,16 @@ class Trainer:
             every_step=device.type != "cuda" or skip,
             scaler=self.scaler.is_enabled(),
         )
-        heavy_ball = momentum_buffers(self.optimizer, layers.params) is not None
         self.probes = default_probes(
             layers=layers,
             data=self.data,
             scaler=self.scaler,
             clip=self.clipper,
             evaluate=lambda: evaluate(self.model, self.data, self.amp),
-            buffers=(
-                (lambda: momentum_buffers(self.optimizer, layers.params))  # type: ignore[arg-type,return-value]
-                if heavy_ball and not self.scaler.is_enabled()
-                else None
-            ),
+            # A skipping fp16 scaler breaks update = -lr * buffer.
+            buffers=None
+            if self.scaler.is_enabled()
+            else lambda: momentum_buffers(self.optimizer, layers.params),
             device=device,
             start_step=self.step,
             per_param=t.per_param,
@@ -222,6 +221,7 @@ class Trainer:
                 self.theory = initial_theory(self.cfg, self.data, self.logger)
                 self.jacobian = initial_jacobian(self.cfg, self.model, self.data, self.logger)
             self.loop()
+            self.fold = self.fold_batchnorm()
         except KeyboardInterrupt:  # a second Ctrl-C: mid-step, nothing consistent to save
             self.status, consistent = "interrupted", False
         except Exception as e:
@@ -367,6 +367,24 @@ class Trainer:
             self.logger.text("theory/vs_measured", table, first.step)
             self.theory_logged = True
 
+    def fold_batchnorm(self) -> dict[str, Any] | None:
+        """norm=batch, once trained: fold each BatchNorm into the layer before it and
+        measure the folded model (see gradexp.fold.fold_report); logged at the last step."""
+        if self.cfg.norm.name != "batch" or self.status != "completed":
+            return None
+        from gradexp.fold import fold_report
+
+        def evaluate_folded(model: torch.nn.Module) -> tuple[float, float]:
+            loss, acc = evaluate(model, self.data, self.amp).tolist()
+            return loss, acc
+
+        report = fold_report(self.model, self.data.x_test, evaluate_folded)
+        if report is not None:
+            scalars = {f"fold/{k.replace('/', '_')}": float(v) for k, v in report.items()}
+            scalars = {k: v for k, v in scalars.items() if not math.isnan(v)}
+            self.logger.scalars(scalars, max(self.step - 1, 0))
+        return report
+
     # --- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on (see gradexp.checkpoint)."""
@@ -443,6 +461,7 @@ class Trainer:
             "wall_time_s": round(wall, 3),
             "steps_per_s": round(self.step / wall, 2) if wall > 0 else None,
             "device": str(self.device),
+            "fold": self.fold,
             "notes": self.notes,
         }
 
