@@ -4,8 +4,11 @@ Each workload is trained several ways, interleaved and repeated: a bare loop wit
 same model, data, loss and optimizer; the gradexp trainer logging every step, every
 10 steps, and only at its first and last step (so nearly every step is a non-logging
 step: the cost telemetry adds when it is not logging). TensorBoard is written to a
-temporary directory. Each is reported as the ratio of its time per step to the bare
-loop's (median of paired ratios): machines here are noisy, ratios are not.
+temporary directory. A trainer's time per step is marginal: (T(2N) - T(N)) / N, with
+T(n) the wall time of a whole run of n steps, so that start-up and the end of a run
+(theory, final evaluation, figure, summary) cancel and what remains is what each
+step costs. Each is reported as the ratio of its time per step to the bare loop's
+(median of paired ratios, and their range): machines here are noisy, ratios are not.
 
 Workloads:
     mlp     50 x Linear(256) + tanh, batch 128, SGD
@@ -112,30 +115,38 @@ def bare_loop(cfg, device: torch.device) -> float:
 
 
 def trainer(cfg, out: Path) -> float:
+    """Wall seconds of a whole run."""
+    start = time.perf_counter()
     summary = run(cfg, out, console=Console(file=io.StringIO()))
     assert summary["status"] == "completed", summary["status"]
-    return 1.0 / summary["steps_per_s"]
+    return time.perf_counter() - start
 
 
 def bench(workload: str, steps: int, repeats: int, device: torch.device) -> dict[str, list]:
     """Seconds per step of each variant of ``workload``, one list entry per repeat."""
-    never = 10 * steps  # log only at the first and the last step
-    cfgs = {every: make_config(workload, steps, every, device.type) for every in (1, 10, never)}
+    never = 100 * steps  # log only at the first and the last step
     names = {1: "log every step", 10: "log every 10 steps", never: "log first+last only"}
+    cfgs = {
+        (every, n): make_config(workload, n, every, device.type)
+        for every in names
+        for n in (steps, 2 * steps)
+    }
     times: dict[str, list[float]] = {"bare": [], **{name: [] for name in names.values()}}
-    bare_loop(cfgs[1], device)  # warm-up
+    bare_loop(cfgs[1, steps], device)  # warm-up
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            times["bare"].append(bare_loop(cfgs[1], device))
+            times["bare"].append(bare_loop(cfgs[1, steps], device))
             for every, name in names.items():
-                times[name].append(trainer(cfgs[every], Path(tmp) / f"{every}-{r}"))
+                short = trainer(cfgs[every, steps], Path(tmp) / f"{every}-{r}-short")
+                long = trainer(cfgs[every, 2 * steps], Path(tmp) / f"{every}-{r}-long")
+                times[name].append((long - short) / steps)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100, help="N: runs of N and 2N steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)

@@ -336,3 +336,33 @@ def test_records_are_what_the_history_keeps():
     h.append(rec)
     assert h.records[0].params == {} and h.records[0].layers == {"grad_norm": [1.0]}
     assert h.final("loss/train") == 1.0 and h.first_last("grad_norm") == ([1.0], [1.0])
+
+
+# --- the README's tag table against the declarations ------------------------------------
+
+
+def readme_tags() -> set[str]:
+    """The tags the README's "TensorBoard tags" table names (its first column)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("### TensorBoard tags", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    return {tag for cell in rows for tag in re.findall(r"`([^`]+)`", cell)}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("clip=agc", "trainer.per_param=true"),
+        ("clip=norm", "norm=batch"),
+        ("clip=value",),
+        ("model=lstm", "data=adding", "data.length=6", "model.hidden_size=4"),
+    ],
+)
+def test_every_declared_quantity_is_in_the_readme_tag_table(tmp_path: Path, overrides):
+    tiny = TINY if "model=lstm" not in overrides else ("data.n_train=64", "data.n_test=16")
+    trainer = Trainer(composed(*tiny, QUIET, *overrides), tmp_path, logger=NullLogger())
+    suffix = {"scalar": "", "layer": "/<L>", "hist": "/<L>", "param": "/<name>",
+              "time": "/<L>/t<step>"}  # fmt: skip
+    documented = readme_tags()
+    for q in trainer.quantities:
+        assert q.name + suffix[q.kind] in documented, q

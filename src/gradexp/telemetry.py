@@ -95,7 +95,9 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     (A float64 foreach norm costs ~25x the float32 one on CPU.)
     """
     norms = torch.stack(torch._foreach_norm(tensors)).double()
-    tiny = (norms < TINY).nonzero().flatten().tolist()  # on log steps; CPU: free
+    # Tiny, huge (float32 squares overflow past ~1e19) or non-finite: again in float64.
+    retake = (norms < TINY) | ~(norms < HUGE)
+    tiny = retake.nonzero().flatten().tolist()  # on log steps; CPU: free
     if tiny:
         exact = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in tiny]
         norms[tiny] = torch.stack(exact)
@@ -104,6 +106,7 @@ def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 # Norms below this are recomputed in float64 (float32 squares of entries < ~1e-19 are 0).
 TINY = 1e-15
+HUGE = 1e15
 
 
 class SignalProbe:
@@ -141,11 +144,12 @@ class SignalProbe:
         self.handles.clear()
 
     def _forward_hook(self, i: int):
+        # Only references here; ``result`` takes every norm in one foreach kernel.
         def on_grad(grad: torch.Tensor) -> None:
-            self.bwd[i] = torch.linalg.vector_norm(grad, dtype=torch.float64)
+            self.bwd[i] = grad
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.fwd[i] = torch.linalg.vector_norm(output.detach(), dtype=torch.float64)
+            self.fwd[i] = output.detach()
             self.scale[i] = 1.0 / math.sqrt(output.numel())
             self.batch[i] = float(output.shape[0])
             if output.requires_grad:
@@ -156,11 +160,21 @@ class SignalProbe:
     def result(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward, backward) signal per layer, NaN where a layer was not reached."""
         # float64 throughout: a vanished backward signal stays a tiny number, not 0.
-        nan = torch.tensor(math.nan, device=device, dtype=torch.float64)
         scale = torch.tensor(self.scale, device=device, dtype=torch.float64)
-        fwd = torch.stack([nan if v is None else v for v in self.fwd]) * scale
-        bwd = torch.stack([nan if v is None else v for v in self.bwd])
-        return fwd, bwd * scale * torch.tensor(self.batch, device=device, dtype=torch.float64)
+        fwd, bwd = (self._norms(values, device) for values in (self.fwd, self.bwd))
+        self.fwd, self.bwd = [None] * len(self.fwd), [None] * len(self.bwd)
+        return fwd * scale, bwd * scale * torch.tensor(
+            self.batch, device=device, dtype=torch.float64
+        )
+
+    @staticmethod
+    def _norms(values: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """The norm of each tensor (float64, see tensor_norms), NaN for a missing one."""
+        out = torch.full((len(values),), math.nan, device=device, dtype=torch.float64)
+        present = [i for i, v in enumerate(values) if v is not None]
+        if present:
+            out[present] = tensor_norms([values[i] for i in present]).to(device)  # type: ignore[misc]
+        return out
 
 
 # --- activation health ----------------------------------------------------------------
@@ -240,54 +254,73 @@ class ActivationProbe:
 
     def result(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Per layer (NaN where not measured): act_mean, act_std, sat_frac, dead_frac."""
-        zero = torch.zeros((), device=device, dtype=torch.float64)
-        # Per layer: sum, sum of squares, saturated count (device); entries, saturating
-        # entries, units, dead units (host counts, or device sums for the dead).
-        sums: list[list[torch.Tensor]] = [[zero, zero, zero] for _ in range(self.n_layers)]
-        count = [0.0] * self.n_layers
-        sat_count = [0.0] * self.n_layers
-        units = [0.0] * self.n_layers
-        dead: list[torch.Tensor] = [zero] * self.n_layers
-        for k, ((i, module), outs) in enumerate(zip(self.acts, self.outputs)):
-            if not outs:
-                continue
-            # One stack for all calls of the same shape: a recurrent layer's time steps.
-            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
-            for out in outs:
-                by_shape.setdefault(out.shape, []).append(out)
-            saturated = _SATURATED.get(type(module))
-            alive = None
-            for shape, same in by_shape.items():
-                a = torch.stack(same)  # (calls, *shape)
-                af = a.double()
-                sums[i] = [
-                    sums[i][0] + af.sum(),
-                    sums[i][1] + af.square().sum(),
-                    sums[i][2] + (saturated(a).sum() if saturated is not None else 0),
-                ]
-                count[i] += a.numel()
-                if saturated is not None:
-                    sat_count[i] += a.numel()
-                if isinstance(module, _CAN_DIE):
-                    unit = 1 + min(1, len(shape) - 1)  # features of (B, F), channels of maps
-                    nonzero = (a != 0).any(dim=[d for d in range(a.dim()) if d != unit])
-                    alive = nonzero if alive is None else alive | nonzero
-            if alive is not None:
-                self.dead[k] = ~alive
-                dead[i] = dead[i] + self.dead[k].sum()
-                units[i] += alive.numel()
-        nan = torch.tensor(math.nan, device=device, dtype=torch.float64)
-        total, sq, sat = (torch.stack([s[j] for s in sums]) for j in range(3))
-        counts = torch.tensor([count, sat_count, units], device=device, dtype=torch.float64)
-        counts = torch.where(counts > 0, counts, nan)  # nothing measured: NaN, not 0/0
-        n, sat_n, unit_n = counts.unbind(0)
-        mean = total / n
-        var = (sq / n - mean.square()).clamp_min(0)
+        n = self.n_layers
+        f64 = {"device": device, "dtype": torch.float64}
+        # Per activation module: sum, sum of squares, saturated count, entries, saturating
+        # entries; units and dead units. Reduced for all modules of one kind and output
+        # shape at once (a deep MLP's 50 activations: one stack, a few kernels, not 50x).
+        k_all = len(self.acts)
+        total, sq, sat = (torch.zeros(k_all, **f64) for _ in range(3))
+        count, sat_count, units = ([0.0] * k_all for _ in range(3))
+        dead = torch.zeros(k_all, **f64)
+        groups: dict[tuple, list[int]] = {}
+        for k, ((_, module), outs) in enumerate(zip(self.acts, self.outputs)):
+            for shape in dict.fromkeys(o.shape for o in outs):
+                calls = sum(o.shape == shape for o in outs)
+                key = (type(module), isinstance(module, _CAN_DIE), shape, calls)
+                groups.setdefault(key, []).append(k)
+        alive: list[torch.Tensor | None] = [None] * k_all
+        for (kind, can_die, shape, _), ks in groups.items():
+            # (modules, calls, *shape): every call of every module in the group
+            a = torch.stack(
+                [torch.stack([o for o in self.outputs[k] if o.shape == shape]) for k in ks]
+            )
+            index = torch.tensor(ks, device=device)
+            dims = list(range(1, a.dim()))
+            af = a.double()
+            total.index_add_(0, index, af.sum(dim=dims))
+            sq.index_add_(0, index, af.square().sum(dim=dims))
+            per_module = a[0].numel()
+            saturated = _SATURATED.get(kind)
+            for k in ks:
+                count[k] += per_module
+            if saturated is not None:
+                sat.index_add_(0, index, saturated(a).sum(dim=dims).double())
+                for k in ks:
+                    sat_count[k] += per_module
+            if can_die:
+                unit = 2 + min(1, len(shape) - 1)  # features of (B, F), channels of maps
+                nonzero = (a != 0).any(dim=[d for d in dims if d != unit])  # (modules, units)
+                for j, k in enumerate(ks):
+                    alive[k] = nonzero[j] if alive[k] is None else alive[k] | nonzero[j]
+        for k, a_k in enumerate(alive):
+            if a_k is not None:
+                self.dead[k] = ~a_k
+                dead[k] = self.dead[k].sum()
+                units[k] += a_k.numel()
+        # Modules -> depth layers.
+        layer = torch.tensor([i for i, _ in self.acts], device=device, dtype=torch.long)
+
+        def per_layer(values: torch.Tensor) -> torch.Tensor:
+            return (
+                torch.zeros(n, **f64).index_add_(0, layer, values)
+                if k_all
+                else torch.zeros(n, **f64)
+            )
+
+        counts = (
+            torch.tensor([count, sat_count, units], **f64) if k_all else torch.zeros(3, 0, **f64)
+        )
+        counts = torch.stack([per_layer(c) for c in counts.unbind(0)])
+        counts = torch.where(counts > 0, counts, math.nan)  # nothing measured: NaN, not 0/0
+        n_all, sat_n, unit_n = counts.unbind(0)
+        mean = per_layer(total) / n_all
+        var = (per_layer(sq) / n_all - mean.square()).clamp_min(0)
         return {
             "act_mean": mean,
             "act_std": var.sqrt(),
-            "sat_frac": sat / sat_n,  # NaN: no saturating activation in the layer
-            "dead_frac": torch.stack(dead).double() / unit_n,
+            "sat_frac": per_layer(sat) / sat_n,  # NaN: no saturating activation in the layer
+            "dead_frac": per_layer(dead) / unit_n,
         }
 
     def dead_masks(self) -> list[torch.Tensor | None]:

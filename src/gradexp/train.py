@@ -221,6 +221,7 @@ class Trainer:
                 self.theory = initial_theory(self.cfg, self.data, self.logger)
                 self.jacobian = initial_jacobian(self.cfg, self.model, self.data, self.logger)
             self.loop()
+            self.loop_time = time.perf_counter() - self.start  # not the folding after it
             self.fold = self.fold_batchnorm()
         except KeyboardInterrupt:  # a second Ctrl-C: mid-step, nothing consistent to save
             self.status, consistent = "interrupted", False
@@ -428,7 +429,7 @@ class Trainer:
 
     # --- the end -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.start
+        wall = getattr(self, "loop_time", None) or time.perf_counter() - self.start
         health = next((p for p in self.probes if isinstance(p, ActivationHealthProbe)), None)
         dead = health.result() if health else [None] * len(self.layers)
         summarized = [q for q in self.quantities if q.kind == "layer" and q.summary]
