@@ -2,7 +2,11 @@
 
 Each YAML option under ``configs/<group>/`` starts its defaults list with the
 schema of its kind (``- /schema_<group>_<kind>@_here_``), so a misspelt key or a
-value of the wrong type fails when Hydra composes the config, before any run.
+value of the wrong type fails when Hydra composes the config, before any run. The
+schema's defaults are the option's: an option file sets its name and only what
+differs. Each schema checks its own values (``validate``); ``validate(cfg)`` adds
+the checks that read two groups, and a model family's and a task's facts (the inputs
+it reads and the norms it takes; the kind of input it feeds) are on their schemas.
 
 This module must not import torch: the CLI imports it to build ``--help``.
 """
@@ -12,28 +16,17 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from gradexp.errors import ConfigError
 
-PROGRESS_MODES = ("auto", "rich", "plain", "off")
 # Keys that change how a run executes or is shown, never what it computes: never in a run
 # directory's name (configs/config.yaml's exclude_keys), never a `gradexp report` column,
 # and free to change when a run is resumed.
 EXECUTION_KEYS = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.resume")
-# Initializers an identity init may fall back to for non-square weights.
-FALLBACK_INITS = (
-    "lecun_normal",
-    "xavier_normal",
-    "xavier_uniform",
-    "kaiming_normal",
-    "kaiming_uniform",
-    "orthogonal",
-    "default",
-)
 
 
 class Alias(NamedTuple):
@@ -93,18 +86,70 @@ class Schedule(enum.Enum):
     cosine = "cosine"
 
 
+class Schema:
+    """A group's schema: its defaults are the option's (an option file sets only what
+    differs), and it checks the values a type cannot express."""
+
+    group: ClassVar[str]  # the config key it sits under, as error messages name it
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value of this group, if any."""
+
+    def _positive(self, *keys: str) -> None:
+        for key in keys:
+            _positive(getattr(self, key), f"{self.group}.{key}")
+
+
+def _positive(value: float, key: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value}: must be > 0")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: unknown; choose from {', '.join(choices)}")
+
+
 # --- model -----------------------------------------------------------------
+_FEEDFORWARD_NORMS = ("none", "batch", "layer", "group")
+
+
 @dataclass
-class MLPConfig:
+class ModelConfig(Schema):
+    """A model family. Each family's schema declares which inputs it reads and which norm
+    options it takes (no defaults here: a family that forgets them fails at once)."""
+
+    group: ClassVar[str] = "model"
+    inputs: ClassVar[tuple[str, ...]]  # the data kinds it reads (see DataConfig.kind)
+    norms: ClassVar[tuple[str, ...]]  # the norm options it takes
+
+    name: str = MISSING
+
+    def norm_reason(self, norm: str) -> str | None:
+        """Why ``norm`` (not in ``norms``) does not fit, when there is more to say."""
+        return None
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    inputs = ("vector", "image", "sequence")  # flattens anything
+    norms = _FEEDFORWARD_NORMS
+
     name: str = "mlp"
     depth: int = 20  # number of hidden layers
     width: int = 16
     bias: bool = True
 
+    def validate(self) -> None:
+        self._positive("depth", "width")
+
 
 @dataclass
-class ResMLPConfig:
+class ResMLPConfig(ModelConfig):
     """A residual MLP: a first layer, then depth - 1 blocks h + Linear(act(norm(h)))."""
+
+    inputs = ("vector", "image", "sequence")
+    norms = _FEEDFORWARD_NORMS
 
     name: str = "resmlp"
     depth: int = 20  # weight layers before the head, as in mlp
@@ -112,47 +157,105 @@ class ResMLPConfig:
     bias: bool = True
     zero_init_last: bool = False  # zero each block's Linear: every block starts as identity
 
+    def validate(self) -> None:
+        self._positive("depth", "width")
+
 
 @dataclass
-class CNNConfig:
+class CNNConfig(ModelConfig):
+    inputs = ("image",)
+    norms = (*_FEEDFORWARD_NORMS, "weight_std")
+
     name: str = "cnn"
     depth: int = 10  # conv layers
     channels: int = 16
     kernel_size: int = 3
-    downsample: list[int] = field(default_factory=list)  # layers (0-based) with stride 2
+    downsample: list[int] = field(default_factory=list)  # layers (0-based) with stride 2: [3, 6]
     bias: bool = True
+
+    def validate(self) -> None:
+        self._positive("depth", "channels", "kernel_size")
+        bad = [i for i in self.downsample if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(
+                f"model.downsample={list(self.downsample)}: layer {bad[0]} is not in"
+                f" 0..{self.depth - 1} (model.depth={self.depth})"
+            )
+
+
+def _check_blocks(blocks: list[int]) -> None:
+    if not blocks or min(blocks) < 1:
+        raise ConfigError(f"model.blocks={list(blocks)}: need one or more stages of >= 1")
 
 
 @dataclass
-class ResNetConfig:
+class ResNetConfig(ModelConfig):
+    inputs = ("image",)
+    norms = (*_FEEDFORWARD_NORMS, "weight_std")
+
     name: str = "resnet"
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2])  # basic blocks per stage
     width: int = 16  # channels of the first stage; doubled at each later stage
     zero_init_last: bool = False  # zero each block's last norm gain (or conv, without norm)
 
+    def validate(self) -> None:
+        self._positive("width")
+        _check_blocks(self.blocks)
+
 
 @dataclass
-class NFNetConfig:
+class NFNetConfig(ModelConfig):
+    inputs = ("image",)
+    norms = ("none",)
+
     name: str = "nfnet"
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
     width: int = 16
     alpha: float = 0.2  # residual branch scale
     zero_init_last: bool = True  # zero the gain of each branch's last conv (SkipInit)
 
+    def validate(self) -> None:
+        self._positive("width", "alpha")
+        _check_blocks(self.blocks)
+
+    def norm_reason(self, norm: str) -> str | None:
+        return "it is normalizer-free (its convs are scaled weight-standardized already)"
+
+
+RECURRENT_INITS = ("same", "identity", "orthogonal", "normal")
+
 
 @dataclass
-class RecurrentConfig:
+class RecurrentConfig(ModelConfig):
     """Elman RNN, LSTM and GRU: unrolled step by step unless fused=true."""
+
+    inputs = ("sequence", "image")  # images row by row (or pixel by pixel)
+    norms = ("none", "layer")
 
     name: str = MISSING
     hidden_size: int = 64
     layers: int = 1
     bias: bool = True
     fused: bool = False  # torch.nn.RNN/LSTM/GRU (cuDNN on GPU); no per-time-step telemetry
-    recurrent_init: str = "same"  # same | identity | orthogonal | normal
+    recurrent_init: str = "same"  # same (as init) | identity | orthogonal | normal
     recurrent_std: float = 0.01  # for recurrent_init=normal
     recurrent_scale: float = 1.0  # for identity and orthogonal: spectral radius
     read: str = "rows"  # images as sequences: rows (H steps of C*W) | pixels (H*W steps of C)
+
+    def validate(self) -> None:
+        self._positive("hidden_size", "layers")
+        _choice(self.recurrent_init, "model.recurrent_init", RECURRENT_INITS)
+        _choice(self.read, "model.read", ("rows", "pixels"))
+        if self.recurrent_std < 0:
+            raise ConfigError(f"model.recurrent_std={self.recurrent_std}: must be >= 0")
+
+    def norm_reason(self, norm: str) -> str | None:
+        if norm == "batch":
+            return (
+                "batch statistics pooled over time steps break the recurrence; "
+                "norm=layer normalizes inside the cell"
+            )
+        return None
 
 
 @dataclass
@@ -160,8 +263,13 @@ class IRNNConfig(RecurrentConfig):
     """Le, Jaitly & Hinton 2015: ReLU, identity recurrence, N(0, input_std^2) input/output."""
 
     name: str = "irnn"
-    recurrent_init: str = "identity"
+    recurrent_init: str = "identity"  # identity x recurrent_scale
     input_std: float = 0.001  # input and output weights; the init group is not used
+
+    def validate(self) -> None:
+        super().validate()
+        if self.input_std < 0:
+            raise ConfigError(f"model.input_std={self.input_std}: must be >= 0")
 
 
 @dataclass
@@ -172,7 +280,9 @@ class LSTMConfig(RecurrentConfig):
 
 # --- activation --------------------------------------------------------------
 @dataclass
-class ActivationConfig:
+class ActivationConfig(Schema):
+    group: ClassVar[str] = "activation"
+
     name: str = MISSING
 
 
@@ -183,13 +293,21 @@ class LeakyReLUConfig(ActivationConfig):
 
 @dataclass
 class RReLUConfig(ActivationConfig):
-    lower: float = 1.0 / 8
-    upper: float = 1.0 / 3
+    # In training each element's slope ~ U[lower, upper]; in eval (lower + upper) / 2.
+    lower: float = 0.125
+    upper: float = 0.3333333333  # torch's 1/3, to the 10 digits every run has used
+
+    def validate(self) -> None:
+        if not 0 <= self.lower <= self.upper:
+            raise ConfigError(
+                f"activation.lower={self.lower}, activation.upper={self.upper}:"
+                " need 0 <= lower <= upper"
+            )
 
 
 @dataclass
 class PReLUConfig(ActivationConfig):
-    init: float = 0.25
+    init: float = 0.25  # the learned slope's start
     shared: bool = False  # one slope for the layer instead of one per unit
 
 
@@ -199,8 +317,22 @@ class ELUConfig(ActivationConfig):
 
 
 # --- init ----------------------------------------------------------------------
+# Initializers an identity init may fall back to for non-square weights.
+FALLBACK_INITS = (
+    "lecun_normal",
+    "xavier_normal",
+    "xavier_uniform",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "orthogonal",
+    "default",
+)
+
+
 @dataclass
-class InitConfig:
+class InitConfig(Schema):
+    group: ClassVar[str] = "init"
+
     name: str = MISSING
     bias: float = 0.0  # constant for every bias (ignored by `default`)
 
@@ -210,6 +342,10 @@ class NormalInitConfig(InitConfig):
     mean: float = 0.0
     std: float = 1.0
 
+    def validate(self) -> None:
+        if self.std < 0:
+            raise ConfigError(f"init.std={self.std}: must be >= 0")
+
 
 @dataclass
 class GainInitConfig(InitConfig):
@@ -218,18 +354,26 @@ class GainInitConfig(InitConfig):
 
 @dataclass
 class KaimingInitConfig(InitConfig):
-    mode: str = "fan_in"
+    mode: str = "fan_in"  # fan_in | fan_out; the gain follows the activation and its slope
+
+    def validate(self) -> None:
+        _choice(self.mode, "init.mode", ("fan_in", "fan_out"))
 
 
 @dataclass
 class IdentityInitConfig(InitConfig):
-    scale: float = 1.0
-    fallback: str = "lecun_normal"  # for weights that are not square
+    scale: float = 1.0  # square weights = scale * I
+    fallback: str = "lecun_normal"  # for weights that are not square (input, output)
+
+    def validate(self) -> None:
+        _choice(self.fallback, "init.fallback", FALLBACK_INITS)
 
 
 # --- norm ------------------------------------------------------------------------
 @dataclass
-class NormConfig:
+class NormConfig(Schema):
+    group: ClassVar[str] = "norm"
+
     name: str = MISSING
     eps: float = 1e-5
 
@@ -241,42 +385,64 @@ class BatchNormConfig(NormConfig):
 
 @dataclass
 class GroupNormConfig(NormConfig):
-    num_groups: int = 8
+    num_groups: int = 8  # must divide model.width (model.channels)
+
+    def validate(self) -> None:
+        self._positive("num_groups")
 
 
 # --- clip ------------------------------------------------------------------------
 @dataclass
-class ClipConfig:
+class ClipConfig(Schema):
+    group: ClassVar[str] = "clip"
+
     name: str = MISSING
 
 
 @dataclass
 class ValueClipConfig(ClipConfig):
-    threshold: float = 5.0
+    threshold: float = 5.0  # every gradient component into [-threshold, threshold]
+
+    def validate(self) -> None:
+        self._positive("threshold")
 
 
 @dataclass
 class NormClipConfig(ClipConfig):
-    max_norm: float = 1.0
+    max_norm: float = 1.0  # rescale all gradients when their global norm exceeds this
     norm_type: float = 2.0
+
+    def validate(self) -> None:
+        self._positive("max_norm", "norm_type")
 
 
 @dataclass
 class AGCConfig(ClipConfig):
-    clipping: float = 0.01  # lambda
+    clipping: float = 0.01  # lambda: unit-wise ||G_i|| <= lambda * max(||W_i||, eps)
     eps: float = 1e-3
     # Modules (by name, with their sub-modules) left unclipped: the classifier.
     exclude: list[str] = field(default_factory=lambda: ["head"])
 
+    def validate(self) -> None:
+        self._positive("clipping", "eps")
+
 
 # --- optim -----------------------------------------------------------------------
 @dataclass
-class OptimConfig:
+class OptimConfig(Schema):
+    group: ClassVar[str] = "optim"
+
     name: str = MISSING
-    lr: float = 0.05
+    lr: float = 0.01
     weight_decay: float = 0.0  # L2, through the optimizer
     l1: float = 0.0  # coefficient of sum |w| added to the loss
     schedule: Schedule = Schedule.constant
+
+    def validate(self) -> None:
+        self._positive("lr")
+        for key in ("weight_decay", "l1"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0")
 
 
 @dataclass
@@ -284,9 +450,17 @@ class SGDConfig(OptimConfig):
     momentum: float = 0.9
     nesterov: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+
 
 @dataclass
 class AdamConfig(OptimConfig):
+    """Adam, and AdamW (optim=adamw: the same keys, weight decay decoupled)."""
+
+    lr: float = 0.001
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -294,6 +468,7 @@ class AdamConfig(OptimConfig):
 
 @dataclass
 class RMSpropConfig(OptimConfig):
+    lr: float = 0.001
     alpha: float = 0.99
     momentum: float = 0.0
     eps: float = 1e-8
@@ -301,29 +476,55 @@ class RMSpropConfig(OptimConfig):
 
 # --- data ------------------------------------------------------------------------
 @dataclass
-class DataConfig:
+class DataConfig(Schema):
+    """A task. Each task's schema declares the kind of input it feeds a model."""
+
+    group: ClassVar[str] = "data"
+    kind: ClassVar[str]  # vector (B, F), image (B, C, H, W) or sequence (B, T, F)
+
     name: str = MISSING
     seed: int = 0  # the data set's own seed: sweeping `seed` changes the init only
 
 
 @dataclass
 class SyntheticDataConfig(DataConfig):
+    kind = "vector"
+
     features: int = 32
     classes: int = 10
-    modes: int = 3  # Gaussian clusters per class
+    modes: int = 3  # Gaussian clusters per class: not linearly separable
     noise: float = 1.0  # std of the noise around each centre, relative to the centres' spread
     n_train: int = 8192
     n_test: int = 2048
 
+    def validate(self) -> None:
+        self._positive("features", "classes", "modes", "n_train", "n_test")
+        _at_least(self.classes, "data.classes", 2)
+
+
+def _at_least(value: int, key: str, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value}: need at least {low}")
+
 
 @dataclass
 class DigitsDataConfig(DataConfig):
+    """sklearn's 1,797 8x8 digits (the optional extra [digits]); seed: the split's."""
+
+    kind = "image"
+
     test_fraction: float = 0.2
+
+    def validate(self) -> None:
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction={self.test_fraction}: must be in (0, 1)")
 
 
 @dataclass
 class SyntheticImagesDataConfig(DataConfig):
     """Each class a smooth random template; examples are shifted, noisy copies."""
+
+    kind = "image"
 
     size: int = 16
     channels: int = 1
@@ -333,19 +534,40 @@ class SyntheticImagesDataConfig(DataConfig):
     n_train: int = 8192
     n_test: int = 2048
 
+    def validate(self) -> None:
+        self._positive("size", "channels", "n_train", "n_test")
+        _at_least(self.classes, "data.classes", 2)
+        if self.noise < 0:
+            raise ConfigError(f"data.noise={self.noise}: must be >= 0")
+        if not 0 <= self.shift < self.size:
+            raise ConfigError(f"data.shift={self.shift}: must be in 0..{self.size - 1}")
+
 
 @dataclass
 class AddingDataConfig(DataConfig):
-    """The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015)."""
+    """The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015): channel 0 holds
+    U[0,1] values, channel 1 marks one of them in each half of the sequence; the target is
+    the sum of the two marked values (MSE loss). Predicting the constant 1 scores
+    Var(U1 + U2) = 1/6: logged as loss/baseline."""
+
+    kind = "sequence"
 
     length: int = 100  # T, time steps
     n_train: int = 10000
     n_test: int = 2000
 
+    def validate(self) -> None:
+        self._positive("n_train", "n_test")
+        if self.length < 2:
+            raise ConfigError(f"data.length={self.length}: need at least 2 (one marker per half)")
+
 
 @dataclass
 class CopyDataConfig(DataConfig):
-    """The copy (memory) task: symbols, a blank delay, a go marker, then recall."""
+    """The copy (memory) task: `length` random symbols, `delay` blank steps, a go marker,
+    then the model outputs the symbols in order (cross-entropy and accuracy per symbol)."""
+
+    kind = "sequence"
 
     symbols: int = 8  # vocabulary
     length: int = 5  # symbols to remember
@@ -353,32 +575,68 @@ class CopyDataConfig(DataConfig):
     n_train: int = 10000
     n_test: int = 2000
 
+    def validate(self) -> None:
+        self._positive("length", "delay", "n_train", "n_test")
+        _at_least(self.symbols, "data.symbols", 2)
+
 
 # --- trainer ---------------------------------------------------------------------
+PROGRESS_MODES = ("auto", "rich", "plain", "off")
+
+
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Schema):
+    group: ClassVar[str] = "trainer"
+
     steps: int = 1000
     batch_size: int = 128
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # off | bf16 | fp16 (fp16 uses a gradient scaler; statistics are taken after unscaling)
     amp: Amp = Amp.off
-    log_every: int = 10
-    hist_every: int = 100
-    eval_every: int = 100
+    log_every: int = 10  # scalars and per-layer statistics
+    hist_every: int = 100  # gradient histograms
+    eval_every: int = 100  # test-set evaluation
     deterministic: bool = False
-    on_nonfinite: OnNonfinite = OnNonfinite.stop
+    on_nonfinite: OnNonfinite = OnNonfinite.stop  # stop | skip | raise
     per_param: bool = False  # also log every parameter's gradient norm
     tbptt: int = 0  # recurrent models: detach the hidden state every k steps (0: full BPTT)
     time_samples: int = 32  # recurrent models: time steps whose gradient is logged (0: all)
-    threads: int = 1  # torch threads for this run; 0 keeps torch's default (all cores)
+    # torch threads for this run: 1 suits small nets on CPU; 0 keeps torch's default (all cores)
+    threads: int = 1
     progress: str = "auto"  # auto | rich | plain | off
     figure_every: int = 500  # gradient-flow figure to TensorBoard (0: only the PNG at the end)
-    checkpoint_every: int = 0  # also save checkpoint.pt every N steps (always: stop and end)
+    # also save checkpoint.pt every N steps (it is always saved on SIGINT/SIGTERM and at the end)
+    checkpoint_every: int = 0
     resume: bool = False  # continue the run in this run dir from its checkpoint.pt
+
+    def validate(self) -> None:
+        self._positive("steps", "batch_size", "log_every", "hist_every", "eval_every")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"trainer.checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if self.figure_every < 0:
+            raise ConfigError(
+                f"trainer.figure_every={self.figure_every}: must be >= 0 (0: end only)"
+            )
+        if self.threads < 0:
+            raise ConfigError(
+                f"trainer.threads={self.threads}: must be >= 0 (0 keeps torch's default)"
+            )
+        _choice(self.progress, "trainer.progress", PROGRESS_MODES)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"trainer.device={self.device}: unknown; choose from auto, cpu, cuda, cuda:N"
+            )
+        if self.tbptt < 0:
+            raise ConfigError(f"trainer.tbptt={self.tbptt}: must be >= 0 (0: full BPTT)")
+        if self.time_samples < 0:
+            raise ConfigError(f"trainer.time_samples={self.time_samples}: must be >= 0 (0: all)")
 
 
 @dataclass
-class DiagnoseConfig:
+class DiagnoseConfig(Schema):
     """The thresholds of the run's verdicts (see gradexp.verdicts), and optional probes."""
+
+    group: ClassVar[str] = "diagnose"
 
     vanishing_ratio: float = 1e-2  # first layer's (time step's) backward signal / last's below
     exploding_ratio: float = 1e2  # ... above this
@@ -388,19 +646,35 @@ class DiagnoseConfig:
     sustain: int = 3  # consecutive log steps a ratio must hold (all of them in shorter runs)
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
+    def validate(self) -> None:
+        self._positive("vanishing_ratio", "exploding_ratio", "grad_bound", "sustain")
+        for key in ("saturated_frac", "dead_frac"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"diagnose.{key}={getattr(self, key)}: must be in (0, 1]")
+        if self.vanishing_ratio >= 1 or self.exploding_ratio <= 1:
+            raise ConfigError(
+                f"diagnose.vanishing_ratio={self.vanishing_ratio}, exploding_ratio="
+                f"{self.exploding_ratio}: need vanishing_ratio < 1 < exploding_ratio"
+            )
+
 
 # The final metrics a sweeper can optimize (summary.json's "metrics").
 OBJECTIVE_METRICS = ("loss/test", "loss/train", "acc/test", "acc/train")
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(Schema):
     """The number a run returns to a sweeper that optimizes (hydra/sweeper=optuna)."""
+
+    group: ClassVar[str] = "objective"
 
     metric: str = "loss/test"  # one of OBJECTIVE_METRICS, its final value
     # Returned by a run that diverged, failed or ended non-finite. None: 1e6 for a
     # minimizing sweeper, -1e6 for a maximizing one.
     penalty: float | None = None
+
+    def validate(self) -> None:
+        _choice(self.metric, "objective.metric", OBJECTIVE_METRICS)
 
 
 @dataclass
@@ -418,52 +692,19 @@ class Config:
     seed: int = 0
 
 
-RECURRENT_MODELS = ("rnn", "irnn", "lstm", "gru")
-CONV_MODELS = ("cnn", "resnet", "nfnet")
-RECURRENT_INITS = ("same", "identity", "orthogonal", "normal")
-# What each task feeds a model: vectors (B, F), images (B, C, H, W) or sequences (B, T, F).
-DATA_KINDS = {
-    "synthetic": "vector",
-    "digits": "image",
-    "synthetic_images": "image",
-    "adding": "sequence",
-    "copy": "sequence",
-}
-# The inputs each model reads: MLPs flatten anything, recurrent models read images row by
-# row (or pixel by pixel), conv models need images.
-MODEL_INPUTS = {
-    "mlp": ("vector", "image", "sequence"),
-    "resmlp": ("vector", "image", "sequence"),
-    **{name: ("image",) for name in CONV_MODELS},
-    **{name: ("sequence", "image") for name in RECURRENT_MODELS},
-}
-_FEEDFORWARD_NORMS = ("none", "batch", "layer", "group")
-MODEL_NORMS = {
-    "mlp": _FEEDFORWARD_NORMS,
-    "resmlp": _FEEDFORWARD_NORMS,
-    "cnn": (*_FEEDFORWARD_NORMS, "weight_std"),
-    "resnet": (*_FEEDFORWARD_NORMS, "weight_std"),
-    "nfnet": ("none",),
-    **{name: ("none", "layer") for name in RECURRENT_MODELS},
-}
-_NORM_REASONS = {
-    "nfnet": "it is normalizer-free (its convs are scaled weight-standardized already)",
-    "batch": "batch statistics pooled over time steps break the recurrence; "
-    "norm=layer normalizes inside the cell",
-}
-
-
-# The schema each option file names in its defaults list, as /schema_<group>_<kind>.
-SCHEMAS: dict[str, dict[str, type]] = {
+# The schema each option file names in its defaults list, as /schema_<group>_<key>: a
+# model's by the option's own name (rnn and gru share theirs), the others' by their kind.
+SCHEMAS: dict[str, dict[str, type[Schema]]] = {
     "model": {
         "mlp": MLPConfig,
         "resmlp": ResMLPConfig,
         "cnn": CNNConfig,
         "resnet": ResNetConfig,
         "nfnet": NFNetConfig,
-        "recurrent": RecurrentConfig,
+        "rnn": RecurrentConfig,
         "irnn": IRNNConfig,
         "lstm": LSTMConfig,
+        "gru": RecurrentConfig,
     },
     "activation": {
         "plain": ActivationConfig,
@@ -496,6 +737,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
     "trainer": {"default": TrainerConfig},
 }
+# Each model's and task's facts, by option name (read from their schemas).
+MODEL_INPUTS = {name: schema.inputs for name, schema in SCHEMAS["model"].items()}
+MODEL_NORMS = {name: schema.norms for name, schema in SCHEMAS["model"].items()}
+RECURRENT_MODELS = tuple(
+    name for name, schema in SCHEMAS["model"].items() if issubclass(schema, RecurrentConfig)
+)
+DATA_KINDS = {name: schema.kind for name, schema in SCHEMAS["data"].items()}
 
 
 def register_configs() -> None:
@@ -521,197 +769,70 @@ def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _positive(value: float, key: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}={value}: must be > 0")
-
-
 def validate(cfg: Config) -> None:
-    """Check the values a schema cannot express; raise ConfigError naming the bad one."""
-    t = cfg.trainer
-    _positive(t.steps, "trainer.steps")
-    _positive(t.batch_size, "trainer.batch_size")
-    _positive(t.log_every, "trainer.log_every")
-    _positive(t.hist_every, "trainer.hist_every")
-    _positive(t.eval_every, "trainer.eval_every")
-    if t.checkpoint_every < 0:
-        raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every}: must be >= 0")
-    if t.figure_every < 0:
-        raise ConfigError(f"trainer.figure_every={t.figure_every}: must be >= 0 (0: end only)")
-    d = cfg.diagnose
-    for key in ("vanishing_ratio", "exploding_ratio", "grad_bound", "sustain"):
-        _positive(getattr(d, key), f"diagnose.{key}")
-    for key in ("saturated_frac", "dead_frac"):
-        if not 0 < getattr(d, key) <= 1:
-            raise ConfigError(f"diagnose.{key}={getattr(d, key)}: must be in (0, 1]")
-    if d.jacobian and cfg.model.name != "mlp":
-        raise ConfigError(f"diagnose.jacobian=true: model={cfg.model.name}; choose model=mlp")
-    if d.vanishing_ratio >= 1 or d.exploding_ratio <= 1:
-        raise ConfigError(
-            f"diagnose.vanishing_ratio={d.vanishing_ratio}, exploding_ratio="
-            f"{d.exploding_ratio}: need vanishing_ratio < 1 < exploding_ratio"
-        )
+    """Check the values a schema cannot express; raise ConfigError naming the bad one.
+
+    Each group checks its own values; what depends on two groups is checked here."""
+    groups = (cfg.trainer, cfg.diagnose, cfg.objective, cfg.optim, cfg.model, cfg.clip)
+    for node in (*groups, cfg.norm, cfg.init, cfg.activation, cfg.data):
+        node.validate()
+    _validate_across(cfg)
+
+
+def _validate_across(cfg: Config) -> None:
+    """The checks that read two groups: which models read which tasks and take which norms,
+    a fused cell's activation and norm, and the options only some models or tasks have."""
+    model, data, norm = cfg.model, cfg.data, cfg.norm
+    if cfg.diagnose.jacobian and model.name != "mlp":
+        raise ConfigError(f"diagnose.jacobian=true: model={model.name}; choose model=mlp")
     metric = cfg.objective.metric
-    if metric not in OBJECTIVE_METRICS:
-        raise ConfigError(
-            f"objective.metric={metric}: unknown; choose from {', '.join(OBJECTIVE_METRICS)}"
-        )
-    if metric.startswith("acc/") and cfg.data.name == "adding":
+    if metric.startswith("acc/") and data.name == "adding":
         raise ConfigError(
             f"objective.metric={metric}: data=adding is a regression (MSE), it has no "
             "accuracy; choose loss/test or loss/train"
         )
-    _positive(cfg.optim.lr, "optim.lr")
-    for key in ("weight_decay", "l1"):
-        if getattr(cfg.optim, key) < 0:
-            raise ConfigError(f"optim.{key}={getattr(cfg.optim, key)}: must be >= 0")
-    if t.threads < 0:
-        raise ConfigError(f"trainer.threads={t.threads}: must be >= 0 (0 keeps torch's default)")
-    if t.progress not in PROGRESS_MODES:
+    recurrent = isinstance(model, RecurrentConfig)
+    if recurrent and model.fused:
+        fusable = ("tanh", "relu") if model.name in ("rnn", "irnn") else ("tanh",)
+        if cfg.activation.name not in fusable:
+            raise ConfigError(
+                f"activation={cfg.activation.name}: model.fused=true runs torch's"
+                f" {model.name.upper()}, which supports {', '.join(fusable)}; or set"
+                " model.fused=false"
+            )
+        if norm.name != "none":
+            raise ConfigError(
+                f"norm={norm.name}: model.fused=true has no norm inside the cell;"
+                " choose norm=none or model.fused=false"
+            )
+    tbptt = cfg.trainer.tbptt
+    if tbptt and not recurrent:
         raise ConfigError(
-            f"trainer.progress={t.progress}: unknown; choose from {', '.join(PROGRESS_MODES)}"
+            f"trainer.tbptt={tbptt}: model={model.name} is not recurrent; choose from"
+            f" {', '.join(RECURRENT_MODELS)}"
         )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+    if data.kind not in model.inputs:
+        fits = [name for name, kinds in MODEL_INPUTS.items() if data.kind in kinds]
         raise ConfigError(
-            f"trainer.device={t.device}: unknown; choose from auto, cpu, cuda, cuda:N"
+            f"model={model.name} does not fit data={data.name} (a {data.kind} task); models"
+            f" for it: {', '.join(fits)}"
         )
-    _validate_model(cfg)
-    clip = cfg.clip
-    if isinstance(clip, ValueClipConfig):
-        _positive(clip.threshold, "clip.threshold")
-    if isinstance(clip, NormClipConfig):
-        _positive(clip.max_norm, "clip.max_norm")
-        _positive(clip.norm_type, "clip.norm_type")
-    if isinstance(clip, AGCConfig):
-        _positive(clip.clipping, "clip.clipping")
-        _positive(clip.eps, "clip.eps")
-    norm = cfg.norm
+    if norm.name not in model.norms:
+        reason = model.norm_reason(norm.name)
+        takes = f"model={model.name} takes {', '.join(model.norms)}"
+        raise ConfigError(
+            f"norm={norm.name} does not fit model={model.name}: "
+            + (f"{reason}; {takes}" if reason else takes)
+        )
     if isinstance(norm, GroupNormConfig):
-        _positive(norm.num_groups, "norm.num_groups")
-        key = "channels" if isinstance(cfg.model, CNNConfig) else "width"
-        width = getattr(cfg.model, key)
+        key = "channels" if isinstance(model, CNNConfig) else "width"
+        width = getattr(model, key)
         if width % norm.num_groups:
             divisors = [d for d in range(1, width + 1) if width % d == 0]
             raise ConfigError(
                 f"norm.num_groups={norm.num_groups} does not divide model.{key}={width};"
                 f" choose from {', '.join(map(str, divisors))}"
             )
-    init = cfg.init
-    if isinstance(init, IdentityInitConfig) and init.fallback not in FALLBACK_INITS:
-        raise ConfigError(
-            f"init.fallback={init.fallback}: unknown; choose from {', '.join(FALLBACK_INITS)}"
-        )
-    if isinstance(init, KaimingInitConfig) and init.mode not in ("fan_in", "fan_out"):
-        raise ConfigError(f"init.mode={init.mode}: unknown; choose from fan_in, fan_out")
-    if isinstance(init, NormalInitConfig) and init.std < 0:
-        raise ConfigError(f"init.std={init.std}: must be >= 0")
-    act = cfg.activation
-    if isinstance(act, RReLUConfig) and not 0 <= act.lower <= act.upper:
-        raise ConfigError(
-            f"activation.lower={act.lower}, activation.upper={act.upper}: need 0 <= lower <= upper"
-        )
-    if isinstance(cfg.data, SyntheticDataConfig):
-        for key in ("features", "classes", "modes", "n_train", "n_test"):
-            _positive(getattr(cfg.data, key), f"data.{key}")
-        if cfg.data.classes < 2:
-            raise ConfigError(f"data.classes={cfg.data.classes}: need at least 2")
-    if isinstance(cfg.optim, SGDConfig) and cfg.optim.nesterov and cfg.optim.momentum <= 0:
-        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
-    if isinstance(cfg.data, DigitsDataConfig) and not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"data.test_fraction={cfg.data.test_fraction}: must be in (0, 1)")
-    _validate_data(cfg.data)
-    _validate_pairing(cfg)
-
-
-def _validate_model(cfg: Config) -> None:
-    m = cfg.model
-    for key in ("depth", "width", "channels", "kernel_size", "hidden_size", "layers", "alpha"):
-        if hasattr(m, key):
-            _positive(getattr(m, key), f"model.{key}")
-    if hasattr(m, "blocks") and (not m.blocks or min(m.blocks) < 1):
-        raise ConfigError(f"model.blocks={list(m.blocks)}: need one or more stages of >= 1")
-    if isinstance(m, CNNConfig):
-        bad = [i for i in m.downsample if not 0 <= i < m.depth]
-        if bad:
-            raise ConfigError(
-                f"model.downsample={list(m.downsample)}: layer {bad[0]} is not in"
-                f" 0..{m.depth - 1} (model.depth={m.depth})"
-            )
-    if isinstance(m, RecurrentConfig):
-        if m.recurrent_init not in RECURRENT_INITS:
-            raise ConfigError(
-                f"model.recurrent_init={m.recurrent_init}: unknown; choose from"
-                f" {', '.join(RECURRENT_INITS)}"
-            )
-        if m.read not in ("rows", "pixels"):
-            raise ConfigError(f"model.read={m.read}: unknown; choose from rows, pixels")
-        if m.recurrent_std < 0:
-            raise ConfigError(f"model.recurrent_std={m.recurrent_std}: must be >= 0")
-        if isinstance(m, IRNNConfig) and m.input_std < 0:
-            raise ConfigError(f"model.input_std={m.input_std}: must be >= 0")
-        if m.fused:
-            fusable = ("tanh", "relu") if m.name in ("rnn", "irnn") else ("tanh",)
-            if cfg.activation.name not in fusable:
-                raise ConfigError(
-                    f"activation={cfg.activation.name}: model.fused=true runs torch's"
-                    f" {m.name.upper()}, which supports {', '.join(fusable)}; or set"
-                    " model.fused=false"
-                )
-            if cfg.norm.name != "none":
-                raise ConfigError(
-                    f"norm={cfg.norm.name}: model.fused=true has no norm inside the cell;"
-                    " choose norm=none or model.fused=false"
-                )
-    t = cfg.trainer
-    if t.tbptt < 0:
-        raise ConfigError(f"trainer.tbptt={t.tbptt}: must be >= 0 (0: full BPTT)")
-    if t.tbptt and not isinstance(m, RecurrentConfig):
-        raise ConfigError(
-            f"trainer.tbptt={t.tbptt}: model={m.name} is not recurrent; choose from"
-            f" {', '.join(RECURRENT_MODELS)}"
-        )
-    if t.time_samples < 0:
-        raise ConfigError(f"trainer.time_samples={t.time_samples}: must be >= 0 (0: all)")
-
-
-def _validate_data(data: Any) -> None:
-    keys = {
-        SyntheticImagesDataConfig: ("size", "channels", "n_train", "n_test"),
-        AddingDataConfig: ("n_train", "n_test"),
-        CopyDataConfig: ("length", "delay", "n_train", "n_test"),
-    }.get(type(data), ())
-    for key in keys:
-        _positive(getattr(data, key), f"data.{key}")
-    for key, low in (("classes", 2), ("symbols", 2)):
-        if hasattr(data, key) and getattr(data, key) < low:
-            raise ConfigError(f"data.{key}={getattr(data, key)}: need at least {low}")
-    if isinstance(data, AddingDataConfig) and data.length < 2:
-        raise ConfigError(f"data.length={data.length}: need at least 2 (one marker per half)")
-    if isinstance(data, SyntheticImagesDataConfig):
-        if data.noise < 0:
-            raise ConfigError(f"data.noise={data.noise}: must be >= 0")
-        if not 0 <= data.shift < data.size:
-            raise ConfigError(f"data.shift={data.shift}: must be in 0..{data.size - 1}")
-
-
-def _validate_pairing(cfg: Config) -> None:
-    """Which models read which tasks, and which norms each model takes."""
-    model, data, norm = cfg.model.name, cfg.data.name, cfg.norm.name
-    kind = DATA_KINDS.get(data)
-    if kind is not None and model in MODEL_INPUTS and kind not in MODEL_INPUTS[model]:
-        fits = [name for name, kinds in MODEL_INPUTS.items() if kind in kinds]
-        raise ConfigError(
-            f"model={model} does not fit data={data} (a {kind} task); models for it:"
-            f" {', '.join(fits)}"
-        )
-    allowed = MODEL_NORMS.get(model)
-    if allowed is not None and norm not in allowed:
-        reason = _NORM_REASONS.get(model)
-        if reason is None and model in RECURRENT_MODELS:
-            reason = _NORM_REASONS.get(norm)
-        takes = f"model={model} takes {', '.join(allowed)}"
-        why = f"{reason}; {takes}" if reason else takes
-        raise ConfigError(f"norm={norm} does not fit model={model}: {why}")
 
 
 def _check_known_keys(obj: Any, path: str = "") -> None:
