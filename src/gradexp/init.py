@@ -111,9 +111,9 @@ def weights_and_biases(
             biases = [module.bias] if module.bias is not None else []
             out.append((name, [module.weight], biases))
         elif isinstance(module, nn.RNNBase):
-            gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
             for pname, p in module.named_parameters():
                 if pname.startswith("weight"):
+                    gates = p.shape[0] // module.hidden_size
                     out.append((f"{name}.{pname}", list(p.chunk(gates)), []))
                 else:
                     out.append((f"{name}.{pname}", [], [p]))
