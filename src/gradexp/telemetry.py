@@ -182,9 +182,11 @@ class SignalProbe:
 # sigmoid outputs below 0.0127 or above 0.9873 (|z| > 4.36), tanh |output| > 0.9747
 # (|z| > 2.18). Both read from the output a: sigmoid' = a(1 - a), peak 1/4; tanh' = 1 - a^2.
 SATURATION = 0.05
+# The same as a distance from the curve's centre, one comparison per entry:
+# 4a(1 - a) < s <=> |a - 1/2| > sqrt(1/4 - s/4); 1 - a^2 < s <=> |a| > sqrt(1 - s).
 _SATURATED: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
-    nn.Sigmoid: lambda a: 4 * a * (1 - a) < SATURATION,
-    nn.Tanh: lambda a: 1 - a * a < SATURATION,
+    nn.Sigmoid: lambda a: (a - 0.5).abs() > math.sqrt(0.25 - SATURATION / 4),
+    nn.Tanh: lambda a: a.abs() > math.sqrt(1 - SATURATION),
 }
 # Activations whose unit can die (output 0, and for ReLU gradient 0, for every input).
 _CAN_DIE = (nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU)
@@ -277,15 +279,16 @@ class ActivationProbe:
             )
             index = torch.tensor(ks, device=device)
             dims = list(range(1, a.dim()))
+            per_module = a[0].numel()
+            # float64: E[a^2] - E[a]^2 cancels, and exploding activations overflow float32.
             af = a.double()
             total.index_add_(0, index, af.sum(dim=dims))
             sq.index_add_(0, index, af.square().sum(dim=dims))
-            per_module = a[0].numel()
             saturated = _SATURATED.get(kind)
             for k in ks:
                 count[k] += per_module
             if saturated is not None:
-                sat.index_add_(0, index, saturated(a).sum(dim=dims).double())
+                sat.index_add_(0, index, saturated(a).sum(dim=dims, dtype=torch.float64))
                 for k in ks:
                     sat_count[k] += per_module
             if can_die:
