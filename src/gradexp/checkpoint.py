@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gradexp.config import Config, Schedule, flat
+from gradexp.config import EXECUTION_KEYS, Config, Schedule, flat
 from gradexp.errors import ConfigError
 from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE
 
@@ -160,12 +160,11 @@ def stop_sweep() -> None:
 
 # What a resumed run may change: how it runs, not what it computes. trainer.steps may
 # grow (train on) unless a cosine schedule has fixed the run's length.
+# Besides the keys that never change a result (config.EXECUTION_KEYS), how often a run
+# saves and draws, and (below) its length.
 RESUME_MAY_CHANGE = (
+    *EXECUTION_KEYS,
     "trainer.steps",
-    "trainer.resume",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.device",
     "trainer.checkpoint_every",
     "trainer.figure_every",
 )
