@@ -1,13 +1,19 @@
-"""gradexp.optim: optimizers by name, and reading an SGD step's update from its state."""
+"""gradexp.optim: optimizers by name (every option builds and steps), and reading an SGD
+step's update from its state."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import composed
+from gradexp.cli import CONFIG_DIR
 from gradexp.config import AdamConfig, SGDConfig
-from gradexp.optim import create_optimizer, momentum_buffers
+from gradexp.errors import ConfigError
+from gradexp.optim import OPTIMIZERS, create_optimizer, momentum_buffers
 
 
 def net() -> nn.Module:
@@ -45,3 +51,32 @@ def test_momentum_buffer_times_lr_is_the_update(momentum, weight_decay):
 def test_other_optimizers_have_no_buffer_shortcut(cfg):
     params = list(net().parameters())
     assert momentum_buffers(create_optimizer(cfg, params), params) is None
+
+
+OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "optim").glob("*.yaml"))
+
+
+def test_every_optim_option_is_registered():
+    assert OPTIMIZERS.names() == OPTIONS
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_optimizer_builds_from_its_option_and_steps(name):
+    cfg = composed(f"optim={name}").optim
+    model = net()
+    opt = create_optimizer(cfg, model.parameters())
+    kind = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}[name]
+    assert type(opt).__name__ == kind
+    (group,) = opt.param_groups
+    assert group["lr"] == cfg.lr and group["weight_decay"] == cfg.weight_decay
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 5)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_an_unknown_optimizer_names_the_choices():
+    with pytest.raises(
+        ConfigError, match="optim=lbfgs: unknown; choose from adam, adamw, rmsprop, sgd"
+    ):
+        create_optimizer(SGDConfig(name="lbfgs"), net().parameters())

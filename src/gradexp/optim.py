@@ -1,30 +1,40 @@
-"""Optimizers and learning-rate schedules by short name."""
+"""Optimizers and learning-rate schedules by short name.
+
+SGD is the default on purpose: adaptive optimizers rescale each parameter's step and
+so hide a vanishing gradient.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from gradexp.config import AdamConfig, OptimConfig, RMSpropConfig, Schedule, SGDConfig
-from gradexp.errors import ConfigError
+from gradexp.registry import Registry
+
+Params = Iterable[torch.nn.Parameter]
+# fn(optim config, parameters) -> the optimizer
+OPTIMIZERS: Registry[Callable[[OptimConfig, Params], torch.optim.Optimizer]] = Registry("optim")
 
 
-def create_optimizer(
-    cfg: OptimConfig, params: Iterable[torch.nn.Parameter]
-) -> torch.optim.Optimizer:
-    """SGD is the default on purpose: adaptive optimizers rescale each parameter's
-    step and so hide a vanishing gradient (see DOMAIN.md)."""
-    if isinstance(cfg, SGDConfig):
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )
-    if isinstance(cfg, AdamConfig):
-        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+@OPTIMIZERS.decorate("sgd")
+def _sgd(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
+    assert isinstance(cfg, SGDConfig)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _adam(
+    cls: type[torch.optim.Optimizer],
+) -> Callable[[OptimConfig, Params], torch.optim.Optimizer]:
+    def create(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
+        assert isinstance(cfg, AdamConfig)
         return cls(
             params,
             lr=cfg.lr,
@@ -32,16 +42,30 @@ def create_optimizer(
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
-    if isinstance(cfg, RMSpropConfig):
-        return torch.optim.RMSprop(
-            params,
-            lr=cfg.lr,
-            alpha=cfg.alpha,
-            momentum=cfg.momentum,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-        )
-    raise ConfigError(f"optim={cfg.name}: unknown; choose from sgd, adam, adamw, rmsprop")
+
+    return create
+
+
+OPTIMIZERS.register("adam", _adam(torch.optim.Adam))
+OPTIMIZERS.register("adamw", _adam(torch.optim.AdamW))  # weight decay decoupled
+
+
+@OPTIMIZERS.decorate("rmsprop")
+def _rmsprop(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
+    assert isinstance(cfg, RMSpropConfig)
+    return torch.optim.RMSprop(
+        params,
+        lr=cfg.lr,
+        alpha=cfg.alpha,
+        momentum=cfg.momentum,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def create_optimizer(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` names, over ``params``."""
+    return OPTIMIZERS.get(cfg.name)(cfg, params)
 
 
 def create_scheduler(
