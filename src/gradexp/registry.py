@@ -38,9 +38,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def values(self) -> list[T]:
-        return list(self._entries.values())
-
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

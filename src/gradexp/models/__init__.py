@@ -27,7 +27,6 @@ MODELS: Registry[ModelFactory] = Registry("model")
 
 # Each family registers itself in MODELS.
 from gradexp.models import cnn, mlp, recurrent, residual  # noqa: E402, F401
-from gradexp.models.mlp import MLP, Block  # noqa: E402
 
 
 def create_model(cfg: Config, spec: DataSpec) -> nn.Module:
@@ -35,4 +34,4 @@ def create_model(cfg: Config, spec: DataSpec) -> nn.Module:
     return MODELS.get(cfg.model.name)(cfg, spec)
 
 
-__all__ = ["MLP", "Block", "MODELS", "create_model"]
+__all__ = ["MODELS", "create_model"]
