@@ -698,6 +698,34 @@ def test_train_help_example_runs(tmp_path: Path, example: str) -> None:
         assert load_summary(run)["status"] == "completed", run
 
 
+HYDRA_HELP = "import sys; from gradexp.cli import _run_hydra; _run_hydra(sys.argv[1:])"
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=rnn", "init=kaiming", "--resolve"]])
+def test_train_help_is_hydras_help(tmp_path: Path, overrides: list[str]) -> None:
+    """gradexp renders `train --help` from one composed config (Hydra's own rendering takes
+    seconds): the same text as Hydra's, for the options the aliases stand for."""
+    ours = run_cli(["train", *overrides, "--help"], cwd=tmp_path)
+    assert ours.returncode == 0, describe(ours)
+    resolved = [o.replace("init=kaiming", "init=kaiming_normal") for o in overrides]
+    command = [sys.executable, "-c", HYDRA_HELP]
+    hydras = run_cli([*resolved, "--help"], cwd=tmp_path, command=command)
+    assert hydras.returncode == 0, describe(hydras)
+    assert ours.stdout == hydras.stdout
+    assert "name: kaiming_normal" in ours.stdout or not overrides
+
+
+def test_help_imports_neither_hydra_nor_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\nfrom gradexp.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted({'hydra', 'torch'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    proc = run_cli(["-c", code], cwd=tmp_path, command=[sys.executable])
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     proc = run_cli(["train", "--cfg", "job", "model.depth=7", "init=xavier_normal"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)

@@ -1,7 +1,8 @@
-"""The ``gradexp`` command: subcommands, and the only ``@hydra.main`` of the package.
+"""The ``gradexp`` command: subcommands, and the only ``hydra.main`` of the package.
 
-torch is imported inside the commands, never at import time, so ``--help`` and
-shell completion stay fast.
+torch and Hydra are imported inside the commands that use them, never at import time,
+so ``gradexp --help`` stays fast. This module is imported by every sweep worker (its
+job function is pickled by reference): it registers the resolvers the run dir names use.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gradexp import __version__
-from gradexp.config import aliases_help, register_configs
 from gradexp.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).parent / "configs")
@@ -41,9 +40,14 @@ def _dir_suffix(overrides: str) -> str:
     return f"_{overrides}"
 
 
+def _aliases_help() -> str:
+    from gradexp.config import aliases_help
+
+    return aliases_help()
+
+
 OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)
-OmegaConf.register_new_resolver("gradexp_aliases", aliases_help, replace=True)
-register_configs()
+OmegaConf.register_new_resolver("gradexp_aliases", _aliases_help, replace=True)
 # configs/hydra/launcher/ray.yaml lists the Ray launcher's keys a user sets; Hydra merges
 # it into the plugin's schema of the same name, as intended, and warns that it does.
 warnings.filterwarnings(
@@ -73,8 +77,8 @@ def objective_value(
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def _train_app(cfg: DictConfig) -> Any:
+def _train_job(cfg: DictConfig) -> Any:
+    """One job: a run, or one of a sweep's (in the sweep's process or a launcher's worker)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -130,32 +134,81 @@ def _train_app(cfg: DictConfig) -> Any:
     return objective_value(summary, metric, penalty, maximize)
 
 
+def _run_hydra(args: list[str]) -> None:
+    """Hydra's own command line (sys.argv) around ``_train_job``: run, sweep, --cfg, ..."""
+    import hydra
+
+    import gradexp.config  # noqa: F401  (its schemas, in Hydra's ConfigStore)
+
+    sys.argv = [sys.argv[0], *args]
+    hydra.main(version_base="1.3", config_path="configs", config_name="config")(_train_job)()
+
+
+def app_config_groups(config_dir: str) -> str:
+    """The config groups under ``config_dir`` and their options, one line each, as Hydra's
+    help lists them (its own groups, hydra/*, left out)."""
+    root = Path(config_dir)
+    groups = {
+        str(d.relative_to(root).as_posix()): sorted(p.stem for p in d.glob("*.yaml"))
+        for d in root.rglob("*")
+        if d.is_dir()
+    }
+    return "".join(
+        f"{group}: {', '.join(options)}\n"
+        for group, options in sorted(groups.items())
+        if options and group != "hydra" and not group.startswith("hydra/")
+    )
+
+
+def _train_help(args: list[str]) -> None:
+    """``gradexp train [KEY=VALUE ...] --help``: config.yaml's hydra.help template filled in
+    from one composed config. (Hydra's own rendering copies its config repository once
+    for each config group it lists: more than a second.)"""
+    import string
+
+    from gradexp.preflight import compose_run, parse_args, without_hydra
+
+    parsed = parse_args(args)
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in parsed.overrides):
+        _run_hydra(args)  # groups from elsewhere: Hydra lists them
+        return
+    cfg = compose_run(args, CONFIG_DIR)
+    template = string.Template(cfg.hydra.help.template)
+    job = OmegaConf.to_yaml(without_hydra(cfg), resolve=parsed.resolve)
+    try:
+        text = template.substitute(APP_CONFIG_GROUPS=app_config_groups(CONFIG_DIR), CONFIG=job)
+    except KeyError:  # a template of the user's that names Hydra's other parts
+        _run_hydra(args)
+        return
+    print(text)
+
+
 def _train(args: list[str]) -> None:
     if "--version" in args:  # Hydra would print its own version
-        import hydra as hydra_pkg
+        import hydra
 
-        print(f"gradexp {__version__} (Hydra {hydra_pkg.__version__})")
+        print(f"gradexp {__version__} (Hydra {hydra.__version__})")
         return
     from gradexp.preflight import launcher_args, preflight, resolve_aliases, sweep_name_args
 
     try:
         args = resolve_aliases(args)
-        if not any(
-            a in ("-h", "--help", "--hydra-help", "-sc", "--shell-completion") for a in args
-        ):
+        if any(a in ("-h", "--help") for a in args):
+            _train_help(args)
+            return
+        if not any(a in ("--hydra-help", "-sc", "--shell-completion") for a in args):
             preflight(args, CONFIG_DIR)
             args = [*args, *sweep_name_args(args), *launcher_args(args)]
     except ConfigError as e:
         fail(str(e))
-    sys.argv = [sys.argv[0], *args]
     if not any(a in ("-m", "--multirun") for a in args):
-        _train_app()
+        _run_hydra(args)
         return
     from gradexp.checkpoint import SweepStop
 
     with SweepStop() as stop:
         try:
-            _train_app()
+            _run_hydra(args)
         except BaseException:
             # Stopping can end a sweep with the launcher's or sweeper's own error (a worker
             # pool that lost a process, optuna's failed trials): the stop is what happened.
@@ -209,8 +262,7 @@ def _completion(args: list[str]) -> None:
     words = line.split(" ", 2)
     if len(words) >= 2 and words[1] == "train":
         os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
-    sys.argv = [sys.argv[0], *args]
-    _train_app()
+    _run_hydra(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

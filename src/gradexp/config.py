@@ -8,7 +8,8 @@ differs. Each schema checks its own values (``validate``); ``validate(cfg)`` add
 the checks that read two groups, and a model family's and a task's facts (the inputs
 it reads and the norms it takes; the kind of input it feeds) are on their schemas.
 
-This module must not import torch: the CLI imports it to build ``--help``.
+This module must not import torch: the CLI imports it to build ``gradexp train --help``
+and to check a command line before any job starts.
 """
 
 from __future__ import annotations
@@ -747,13 +748,17 @@ DATA_KINDS = {name: schema.kind for name, schema in SCHEMAS["data"].items()}
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    """Put the schemas in Hydra's ConfigStore (idempotent; done when this module is
+    imported, so whoever composes the config has them)."""
     cs = ConfigStore.instance()
     cs.store(name="schema_config", node=Config)
     for group, kinds in SCHEMAS.items():
         for kind, node in kinds.items():
             # Root-level names, not a group: they stay out of `--help`'s group list.
             cs.store(name=f"schema_{group}_{kind}", node=node)
+
+
+register_configs()
 
 
 def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:

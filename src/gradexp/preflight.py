@@ -20,6 +20,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gradexp.config import ALIASES, EXECUTION_KEYS, SCHEMAS, Config, resolve_alias, to_config
@@ -60,7 +61,7 @@ def _group_of(full_key: str) -> str:
     return full_key.rpartition(".")[0] or "the config"
 
 
-def _parse_args(args: list[str]) -> argparse.Namespace:
+def parse_args(args: list[str]) -> argparse.Namespace:
     """Hydra's own command-line parser, with its errors as one line (no usage block)."""
     parser = get_args_parser()
 
@@ -109,7 +110,7 @@ def resolve_aliases(args: list[str]) -> list[str]:
     the option it stands for (init=xavier_uniform), also in a sweep's list of values."""
     parser = OverridesParser.create()
     replace = {}
-    for arg in _parse_args(args).overrides:
+    for arg in parse_args(args).overrides:
         if arg.split("=", 1)[0].lstrip("+~").split("@")[0] not in ALIASES:
             continue
         try:
@@ -126,7 +127,7 @@ def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
 
     A key searched over a range or interval (a sweeper plugin's: optuna) is left out: its
     values are picked when the sweep runs."""
-    parsed = _parse_args(args)
+    parsed = parse_args(args)
     task = [o for o in parsed.overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         overrides = OverridesParser.create().parse_overrides(task)
@@ -163,7 +164,7 @@ def check_plugins(args: list[str]) -> None:
     extra installs it (Hydra would list the options it has over several lines)."""
     import importlib.util
 
-    for arg in _parse_args(args).overrides:
+    for arg in parse_args(args).overrides:
         group, _, option = arg.partition("=")
         plugin = PLUGINS.get(group, {}).get(option)
         if plugin is None:
@@ -183,7 +184,7 @@ def sweep_name_args(args: list[str]) -> list[str]:
     # An experiment's sweep is in its config, a search's values are the sweeper's: every
     # key of the command line that job_overrides lists is shared.
     experiment = any(o.split("=", 1)[0] == "experiment" for o in jobs[0])
-    searched = any(o.split("=", 1)[0] == "hydra/sweeper" for o in _parse_args(args).overrides)
+    searched = any(o.split("=", 1)[0] == "hydra/sweeper" for o in parse_args(args).overrides)
     if not multirun or (len(jobs) < 2 and not (experiment or searched)):
         return []
     values: dict[str, set[str]] = {}
@@ -200,7 +201,7 @@ def _given(args: list[str], key: str) -> list[str]:
     """The values the command line gives ``key``, as Hydra reads them (quotes removed)."""
     parser = OverridesParser.create()
     values = []
-    for arg in _parse_args(args).overrides:
+    for arg in parse_args(args).overrides:
         if arg.split("=", 1)[0].lstrip("+") == key:
             values.append(str(parser.parse_override(arg).value()))
     return values
@@ -223,7 +224,7 @@ def check_resume(args: list[str], cfg: Config) -> None:
 def launcher_args(args: list[str]) -> list[str]:
     """joblib starts all its workers at once, and an idle one that gets a terminal's
     Ctrl-C dies and breaks the pool: never more workers than jobs."""
-    parsed = _parse_args(args)
+    parsed = parse_args(args)
     if not parsed.multirun or "hydra/launcher=joblib" not in parsed.overrides:
         return []
     jobs, _ = job_overrides(args)
@@ -263,36 +264,95 @@ def _check_names(cfg: Config, config_dir: str) -> None:
             raise ConfigError(f"{group}.name={name}: unknown; choose from {', '.join(options)}")
 
 
+def _split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """The command line's overrides of Hydra's own config (hydra.*, hydra/launcher=...) and
+    of the task's."""
+    overrides = parse_args(args).overrides
+    hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
+    return hydra_overrides, [o for o in overrides if o not in hydra_overrides]
+
+
+def _compose(config_name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_describe(e, overrides)) from e
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """``cfg`` (composed with Hydra's own config) without it: the job's config, as Hydra
+    hands it to the job."""
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def compose_run(args: list[str], config_dir: str, config_name: str = "config") -> DictConfig:
+    """The config Hydra composes for this (single-run) command line, with Hydra's own
+    (``hydra``); ConfigError (one line) if it does not compose."""
+    hydra_overrides, task = _split_overrides(args)
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return _compose(config_name, [*hydra_overrides, *task], with_hydra=True)
+
+
+def _check_job(args: list[str], cfg: DictConfig, config_dir: str, multirun: bool) -> Config:
+    """One job's composed config, typed and validated (with the checks only a whole
+    command line can make: resume, the run dir's checkpoint)."""
+    typed = to_config(cfg)
+    _check_names(typed, config_dir)
+    if typed.trainer.resume:
+        if multirun:
+            raise ConfigError(
+                "trainer.resume=true with -m: resume each job of a sweep with"
+                " gradexp resume JOB_DIR"
+            )
+        check_resume(args, typed)
+    return typed
+
+
 def preflight(args: list[str], config_dir: str, config_name: str = "config") -> None:
-    """Raise ConfigError (one line) if any job of this command line would fail to compose."""
+    """Raise ConfigError (one line) if any job of this command line would fail to compose.
+
+    A single run is composed once, as Hydra will compose it (with Hydra's own config); a
+    sweep's jobs one by one, then what Hydra composes before any job (with Hydra's own
+    config, without the swept values)."""
     check_plugins(args)
     jobs, multirun = job_overrides(args)
-    gpus: set[str] = set()
-    parsed = _parse_args(args)
-    hydra_overrides = [o for o in parsed.overrides if o.lstrip("+~").startswith("hydra")]
-    task = [o for o in parsed.overrides if o not in hydra_overrides]
+    parsed = parse_args(args)
+    hydra_overrides, task = _split_overrides(args)
+    if not multirun:
+        typed = [_check_job(args, without_hydra(compose_run(args, config_dir)), config_dir, False)]
+    else:
+        typed = _preflight_sweep(args, jobs, hydra_overrides, task, config_dir, config_name)
+    gpus = {t.trainer.device for t in typed if t.trainer.device.startswith("cuda")}
+    if gpus:  # torch only when a GPU is asked for: is it there?
+        from gradexp.device import resolve_device
+
+        for device in sorted(gpus):
+            resolve_device(device)
+    # After composing: a bad config leaves no empty run or sweep directory behind.
+    # --cfg and --info only print, and write nothing.
+    if not (parsed.cfg or parsed.info):
+        check_output_root(args, multirun)
+
+
+def _preflight_sweep(
+    args: list[str],
+    jobs: list[list[str]],
+    hydra_overrides: list[str],
+    task: list[str],
+    config_dir: str,
+    config_name: str,
+) -> list[Config]:
     swept = [o for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
     swept_args = {o.input_line for o in swept}
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for overrides in jobs:
-            try:
-                cfg = compose(config_name, overrides=overrides)
-            except (HydraException, OmegaConfBaseException) as e:
-                raise ConfigError(_describe(e, overrides)) from e
-            typed = to_config(cfg)
-            _check_names(typed, config_dir)
-            if typed.trainer.resume:
-                if multirun:
-                    raise ConfigError(
-                        "trainer.resume=true with -m: resume each job of a sweep with"
-                        " gradexp resume JOB_DIR"
-                    )
-                check_resume(args, typed)
-            device = typed.trainer.device
-            if device.startswith("cuda"):
-                gpus.add(device)
+        typed = [
+            _check_job(args, _compose(config_name, overrides), config_dir, True)
+            for overrides in jobs
+        ]
         # What Hydra composes before any job: with Hydra's own keys (hydra.*,
-        # hydra/launcher=...) and, in a sweep, without the swept values.
+        # hydra/launcher=...) and without the swept values.
         base = [*hydra_overrides, *(o for o in task if o not in swept_args)]
         try:
             compose(config_name, base, return_hydra_config=True)
@@ -307,12 +367,4 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
                     " outside the sweep)"
                 )
             raise ConfigError(message) from e
-    if gpus:  # torch only when a GPU is asked for: is it there?
-        from gradexp.device import resolve_device
-
-        for device in sorted(gpus):
-            resolve_device(device)
-    # After composing: a bad config leaves no empty run or sweep directory behind.
-    # --cfg and --info only print, and write nothing.
-    if not (parsed.cfg or parsed.info):
-        check_output_root(args, multirun)
+    return typed
