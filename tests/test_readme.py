@@ -46,16 +46,28 @@ def tutorial_rows() -> list[tuple[str, float, float, float | None, set[str]]]:
     """(command, backward-signal ratio, test accuracy, mean-field prediction or None,
     verdict kinds) from the tutorial table."""
     rows = re.findall(
-        r"^\| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+)[^|]*"
+        r"^\| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+(?: \([\d.]+-[\d.]+\))?)[^|]*"
         r"\| ([\d.e-]+|-) \| ([a-z_, ]+) \|$",
         README,
         re.MULTILINE,
     )
     return [
-        (cmd, float(ratio), float(acc), None if theory == "-" else float(theory),
+        (cmd, float(ratio), acc_range(acc), None if theory == "-" else float(theory),
          set(verdicts.split(", ")))
         for cmd, ratio, acc, theory, verdicts in rows
     ]  # fmt: skip
+
+
+def acc_range(cell: str) -> tuple[float, float]:
+    """An accuracy cell, "0.84" or "0.72 (0.63-0.75)" (the range over CPU kernel paths),
+    as the interval a run on any machine must land in: 0.06 around the value or range."""
+    numbers = [float(x) for x in re.findall(r"[\d.]+", cell)]
+    return min(numbers) - 0.06, max(numbers) + 0.06
+
+
+# Verdicts about the gradients; the activation-health ones (dead_units, saturated) of a
+# ReLU net come and go with the CPU's kernels (see the README's note under the table).
+GRADIENT_KINDS = {"vanishing", "exploding", "diverged"}
 
 
 def test_readme_shows_the_commands_this_file_runs():
@@ -169,12 +181,17 @@ def test_readme_other_commands_run_and_tensorboard_lists_the_runs(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize(("command", "ratio", "acc", "theory", "verdicts"), tutorial_rows())
 def test_tutorial_table_figures(
-    tmp_path: Path, command: str, ratio: float, acc: float, theory: float | None, verdicts: set
+    tmp_path: Path,
+    command: str,
+    ratio: float,
+    acc: tuple[float, float],
+    theory: float | None,
+    verdicts: set,
 ):
     """Each row's step-0 backward-signal ratio (first layer / head) and final test
-    accuracy, as printed in the README, within a tolerance for other platforms; the
-    mean-field prediction (computed, not measured: to the printed digits) and the
-    verdicts exactly."""
+    accuracy, as printed in the README, within a tolerance for other platforms and CPU
+    kernel paths; the mean-field prediction (computed, not measured: to the printed
+    digits) and the gradient verdicts exactly."""
     run_dir = tmp_path / "run"
     proc = run_cli([*command.split()[1:], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
@@ -182,12 +199,14 @@ def test_tutorial_table_figures(
     layers = summary["layers"]
     measured = layers[0]["signal_bwd"]["first"] / layers[-1]["signal_bwd"]["first"]
     assert ratio / 2 <= measured <= ratio * 2, (command, measured)
-    assert summary["metrics"]["acc/test"] == pytest.approx(acc, abs=0.06), command
+    assert acc[0] <= summary["metrics"]["acc/test"] <= acc[1], command
     if theory is None:
         assert summary["theory"] is None, command
     else:
         assert summary["theory"]["signal_bwd_ratio"] == pytest.approx(theory, rel=0.05), command
-    assert {v["kind"] for v in summary["verdicts"]} == verdicts, command
+    kinds = {v["kind"] for v in summary["verdicts"]}
+    assert kinds & GRADIENT_KINDS == verdicts & GRADIENT_KINDS, (command, kinds)
+    assert kinds <= verdicts | {"dead_units", "saturated", "healthy"}, (command, kinds)
 
 
 def time_rows() -> list[tuple[str, float, float, set[str]]]:
