@@ -17,7 +17,13 @@ Workloads:
             steps/s the README compares with the unrolled one
     resnet  ResNet [2, 2, 2] width 16 with BatchNorm on 16x16 synthetic images, batch 64
 
-    python scripts/bench_overhead.py [--workload all] [--steps 200] [--repeats 5]
+    python scripts/bench_overhead.py [--workload all] [--steps 100] [--repeats 5]
+    python scripts/bench_overhead.py --probes [--workload mlp]
+
+``--probes``: what each probe costs on a logging step. The loop logging every step is
+timed with every probe, with each probe left out in turn, and with none (the loop's
+own logging: plan, gradient norms for the guard, the record, TensorBoard); the cost of
+a probe is the difference, as a share of the bare step.
 """
 
 from __future__ import annotations
@@ -143,6 +149,50 @@ def bench(workload: str, steps: int, repeats: int, device: torch.device) -> dict
     return times
 
 
+def probe_costs(workload: str, steps: int, repeats: int, device: torch.device) -> None:
+    """Seconds per logging step with each probe left out (see the module docstring)."""
+    from gradexp.checkpoint import StopOnSignal
+    from gradexp.train import Trainer
+
+    cfg = make_config(workload, steps, 1, device.type)
+
+    class Quiet:
+        def update(self, *args: object) -> None: ...
+        def close(self) -> None: ...
+
+    def loop_time(leave_out: str | None, tmp: Path) -> float:
+        trainer = Trainer(cfg, tmp, console=Console(file=io.StringIO()))
+        if leave_out == "*":
+            trainer.probes = []
+        elif leave_out is not None:
+            trainer.probes = [p for p in trainer.probes if p.name != leave_out]
+        trainer.progress, trainer.stopper, trainer.sweep_stop = Quiet(), StopOnSignal(), None
+        trainer.start = start = time.perf_counter()
+        trainer.loop()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [p.name for p in Trainer(cfg, Path(tmp) / "names").probes]
+        variants = [None, *names, "*"]
+        times: dict[str | None, list[float]] = {v: [] for v in variants}
+        bare = []
+        for r in range(repeats):
+            bare.append(bare_loop(cfg, device))
+            for v in variants:
+                times[v].append(loop_time(v, Path(tmp) / f"{v}-{r}"))
+    b = statistics.median(bare)
+    full = statistics.median(times[None])
+    print(f"{workload}: bare {1e3 * b:.2f} ms/step; logging every step {1e3 * full:.2f} ms"
+          f" ({full / b:.3f}x)")  # fmt: skip
+    for v in names:
+        cost = full - statistics.median(times[v])
+        print(f"  {v:>18}: {1e3 * cost:6.2f} ms  ({cost / b:+.3f} of a bare step)")
+    rest = statistics.median(times["*"]) - b
+    print(f"  {'the loop itself':>18}: {1e3 * rest:6.2f} ms  ({rest / b:+.3f} of a bare step)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
@@ -150,6 +200,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--probes", action="store_true", help="each probe's cost per log step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     register_configs()
@@ -159,6 +210,10 @@ def main() -> None:
         f"{args.steps} steps x {args.repeats} repeats"
     )
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    if args.probes:
+        for workload in workloads:
+            probe_costs(workload, args.steps, args.repeats, device)
+        return
     bare: dict[str, float] = {}
     for workload in workloads:
         times = bench(workload, args.steps, args.repeats, device)

@@ -102,6 +102,7 @@ def test_the_product_example_records_the_resolved_option(tmp_path: Path) -> None
     assert proc.returncode == 0, describe(proc)
     (run,) = (p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
     assert load_summary(run)["status"] == "completed"
+    assert load_summary(run)["options"]["init"] == "xavier_uniform"
     # the run's name, its recorded overrides and config, its HParams: the option itself
     assert "init=xavier_uniform" in run.name and "init=xavier," not in run.name, run.name
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())

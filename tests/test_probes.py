@@ -366,3 +366,40 @@ def test_every_declared_quantity_is_in_the_readme_tag_table(tmp_path: Path, over
     documented = readme_tags()
     for q in trainer.quantities:
         assert q.name + suffix[q.kind] in documented, q
+
+
+# --- CUDA: a step that does not log never waits for the device ---------------------------
+
+
+class SyncTrap(Probe):
+    """Never measures; on every step's plan it arms torch's sync debug mode for a step
+    that does not log (any device synchronization then raises) and disarms it for one
+    that does."""
+
+    name = "sync_trap"
+
+    def __init__(self) -> None:
+        self.armed_steps = 0
+
+    def active(self, plan: StepPlan) -> bool:
+        torch.cuda.set_sync_debug_mode(0 if plan.log else "error")
+        self.armed_steps += not plan.log
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("clip", ["none", "norm", "agc"])
+def test_a_step_that_does_not_log_does_not_synchronize_the_device(tmp_path: Path, clip: str):
+    cfg = composed(
+        *TINY, QUIET, "trainer.device=cuda", f"clip={clip}", "trainer.steps=12",
+        "trainer.log_every=100", "trainer.hist_every=100", "trainer.eval_every=100",
+        "trainer.figure_every=0",
+    )  # fmt: skip
+    trap = SyncTrap()
+    try:
+        summary = run(cfg, tmp_path, logger=NullLogger(), console=Console(file=io.StringIO()),
+                      probes=[trap])  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    assert trap.armed_steps == 10  # steps 1-10: only 0 and the last log

@@ -62,6 +62,7 @@ from gradexp.telemetry import LayerMap
 from gradexp.theory import TheoryUnavailable, jacobian_spectrum, mean_field
 from gradexp.verdicts import judge
 
+OPTION_GROUPS = ("model", "data", "activation", "init", "norm", "clip", "optim")
 log = logging.getLogger(__name__)
 # The run's own log file (train.log) only: the terminal already shows the table and status.
 file_log = logging.getLogger("gradexp.runlog")
@@ -447,10 +448,13 @@ class Trainer:
             tbptt=self.cfg.trainer.tbptt,
         )
         finals = {k: self.history.final(k) for k in self.tags.metric_tags()}
+        cfg = self.cfg
         return {
             "status": self.status,
             "error": self.error,
             "steps": self.step,
+            # Each group's option as resolved (an alias such as init=xavier shows its option).
+            "options": {g: getattr(cfg, g).name for g in OPTION_GROUPS},
             "verdicts": verdicts,
             "metrics": {k: v for k, v in finals.items() if v is not None},
             "layers": per_layer,
