@@ -218,7 +218,8 @@ def main() -> None:
     for workload in workloads:
         times = bench(workload, args.steps, args.repeats, device)
         bare[workload] = statistics.median(times["bare"])
-        print(f"{workload}:")
+        spread = (max(times["bare"]) - min(times["bare"])) / bare[workload]
+        print(f"{workload}: (how quiet: the bare loop's repeats spread {100 * spread:.1f}%)")
         for name, ts in times.items():
             ratios = [t / b for t, b in zip(ts, times["bare"])]
             print(

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gradexp.record import ratio
 from gradexp.verdicts import describe
 
 
@@ -74,12 +75,6 @@ class ProgressReporter:
             self.bar.stop()
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
 def layer_table(summary: dict[str, Any]) -> Table:
     """The per-layer figures of a finished run, first (step 0) and last logged step."""
     layers = summary["layers"]
@@ -118,7 +113,7 @@ def layer_table(summary: dict[str, Any]) -> Table:
     if layers:
         first, last = layers[0], layers[-1]
         cells = [
-            _fmt(_ratio(first[k][w], last[k][w]))
+            _fmt(ratio(first[k][w], last[k][w]))
             for k in ("grad_norm", "signal_bwd", "signal_fwd")
             for w in ("first", "last")
         ]

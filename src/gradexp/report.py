@@ -27,9 +27,9 @@ from rich.text import Text
 from gradexp import figures
 from gradexp.config import EXECUTION_KEYS
 from gradexp.display import VERDICT_STYLE, _fmt
+from gradexp.record import ratio
 from gradexp.rundir import SUMMARY_FILE
 
-# As in gradexp.train, which cannot be imported here: it imports torch.
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 EVENTS_PREFIX = "events.out.tfevents."
 
@@ -285,12 +285,6 @@ def _number(x: Any) -> int | float | None:
     return x if math.isfinite(x) else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
 def verdict_kinds(summary: dict[str, Any] | None) -> list[str]:
     """The kinds of the run's verdicts, each once, in order."""
     verdicts = _field(summary, "verdicts")
@@ -313,7 +307,7 @@ def row_values(row: RunRow) -> dict[str, Any]:
     for column, (quantity, when) in RATIOS.items():
         first = _number(_field(s, "layers", 0, quantity, when))
         last = _number(_field(s, "layers", -1, quantity, when))
-        values[column] = _ratio(first, last)
+        values[column] = ratio(first, last)
     for column, when in TIME_RATIOS.items():
         values[column] = _number(_field(s, "time", 0, "ratio", when))
     values["verdicts"] = ",".join(verdict_kinds(s)) or None
