@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +102,7 @@ class Probe:
     ``quantities`` and override the phases they act in."""
 
     name = "probe"  # its key in the checkpoint
-    quantities: list[Quantity] = []
+    quantities: Sequence[Quantity] = ()
 
     def active(self, plan: StepPlan) -> bool:
         return plan.log
@@ -275,7 +275,7 @@ class GradNormProbe(Probe):
             "section": "clipping",
             "log_scale": True,
         }
-        self.quantities = [
+        quantities = [
             Quantity(
                 "grad_norm",
                 doc="‖∂L/∂W‖ of the layer's parameters, before clipping",
@@ -292,7 +292,7 @@ class GradNormProbe(Probe):
             ),
         ]
         if clipping:
-            self.quantities += [
+            quantities += [
                 Quantity(
                     "grad_norm_clipped",
                     doc="‖∂L/∂W‖ after clipping",
@@ -306,6 +306,7 @@ class GradNormProbe(Probe):
                     **total,
                 ),
             ]
+        self.quantities = quantities
 
     def after_backward(self, ctx: StepContext) -> Stats:
         assert ctx.grad_sq is not None
@@ -453,6 +454,7 @@ class TimeProbe(Probe):
             for name, tag, m in zip(layers.names, layers.tags, layers.modules)
             if getattr(m, "traceable", False)
         ]
+        self.steps: dict[str, list[int]] = {}  # layer name -> the sampled time steps
         self.samples = samples
         self.probe: telemetry.TimeProbe | None = None
         self.quantities = [
@@ -470,17 +472,12 @@ class TimeProbe(Probe):
             ),
         ]
 
-    @property
-    def tags(self) -> list[str]:
-        return [tag for _, tag, _ in self.traced]
-
     def hooks(self) -> contextlib.AbstractContextManager:
         self.probe = telemetry.TimeProbe([m for _, _, m in self.traced], self.samples)
         return self.probe
 
     def after_backward(self, ctx: StepContext) -> Stats:
         assert self.probe is not None
-        self.steps = {}
         out: Stats = {}
         for (name, _, _), (steps, norms) in zip(self.traced, self.probe.result()):
             self.steps[name] = steps

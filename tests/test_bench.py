@@ -1,0 +1,38 @@
+"""The README's benchmark commands run (at a tiny size: the figures themselves are
+measured by hand on a quiet machine, never asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, cli_env
+
+SCRIPT = REPO_ROOT / "scripts" / "bench_overhead.py"
+
+
+def bench(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workload", "mlp", "--steps", "3", "--repeats", "1", *args],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_reports_a_ratio_per_variant(tmp_path: Path):
+    out = bench()
+    for variant in ("bare", "log every step", "log every 10 steps", "log first+last only"):
+        assert f"{variant}:" in out and "ratio" in out, out
+    assert "how quiet" in out
+
+
+@pytest.mark.slow
+def test_probe_cost_benchmark_lists_every_probe(tmp_path: Path):
+    out = bench("--probes")
+    for probe in ("task", "signal", "weight", "activation_health", "the loop itself"):
+        assert f"{probe}:" in out, out
