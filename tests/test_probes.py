@@ -15,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from conftest import TINY, composed, layer_tags, load_events, load_summary, scalar_series
+from gradexp.config import TrainerConfig
 from gradexp.guard import Decision, FiniteGuard
 from gradexp.metrics import NullLogger
 from gradexp.optim import momentum_buffers
@@ -65,7 +66,10 @@ def set_grads(layers: LayerMap, values: dict[int, float]) -> None:
 
 
 def test_step_plan_rides_hist_eval_and_figure_steps_on_log_steps():
-    plans = [StepPlan.of(s, 12, 4, 3, 5, figure_every=6, checkpoint_every=5) for s in range(12)]
+    t = TrainerConfig(
+        steps=12, log_every=4, hist_every=3, eval_every=5, figure_every=6, checkpoint_every=5
+    )
+    plans = [StepPlan.of(s, t) for s in range(12)]
     assert [s for s, p in enumerate(plans) if p.log] == [0, 3, 4, 5, 6, 8, 9, 10, 11]
     assert [s for s, p in enumerate(plans) if p.hist] == [0, 3, 6, 9]
     assert [s for s, p in enumerate(plans) if p.eval] == [0, 5, 10, 11]  # and the last

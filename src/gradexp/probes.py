@@ -30,6 +30,7 @@ from gradexp.telemetry import LayerMap, histogram_from_stats, histogram_stats
 
 if TYPE_CHECKING:
     from gradexp.clipping import ClipMode
+    from gradexp.config import TrainerConfig
     from gradexp.data import Dataset
 
 Stats = dict[str, "torch.Tensor | float"]
@@ -50,22 +51,15 @@ class StepPlan:
     checkpoint: bool
 
     @classmethod
-    def of(
-        cls,
-        step: int,
-        steps: int,
-        log_every: int,
-        hist_every: int,
-        eval_every: int,
-        figure_every: int = 0,
-        checkpoint_every: int = 0,
-    ) -> StepPlan:
-        final = step == steps - 1
-        hist = step % hist_every == 0
-        evaluate = step % eval_every == 0 or final
-        figure = bool(figure_every) and step % figure_every == 0 and not final
-        log = step % log_every == 0 or hist or evaluate or figure or final
-        checkpoint = bool(checkpoint_every) and (step + 1) % checkpoint_every == 0
+    def of(cls, step: int, t: TrainerConfig) -> StepPlan:
+        """The plan of ``step`` under the trainer's cadences (log_every, hist_every,
+        eval_every, figure_every, checkpoint_every)."""
+        final = step == t.steps - 1
+        hist = step % t.hist_every == 0
+        evaluate = step % t.eval_every == 0 or final
+        figure = bool(t.figure_every) and step % t.figure_every == 0 and not final
+        log = step % t.log_every == 0 or hist or evaluate or figure or final
+        checkpoint = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
         return cls(log, hist, evaluate, figure, checkpoint)
 
 

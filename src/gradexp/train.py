@@ -253,8 +253,7 @@ class Trainer:
         for step in range(self.step, t.steps):
             if self.stop_requested(step):
                 break
-            plan = StepPlan.of(step, t.steps, t.log_every, t.hist_every, t.eval_every,
-                               t.figure_every, t.checkpoint_every)  # fmt: skip
+            plan = StepPlan.of(step, t)
             probes = [p for p in self.probes if p.active(plan)]
             x, y = self.data.batch(t.batch_size, self.batches)
             with hooks(probes):
