@@ -407,3 +407,15 @@ def test_a_step_that_does_not_log_does_not_synchronize_the_device(tmp_path: Path
         torch.cuda.set_sync_debug_mode(0)
     assert summary["status"] == "completed" and summary["steps"] == 12
     assert trap.armed_steps == 10  # steps 1-10: only 0 and the last log
+
+
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path: Path):
+    from gradexp.checkpoint import resume_state, save
+    from gradexp.errors import ConfigError
+
+    cfg = composed(*TINY, QUIET)
+    path = tmp_path / "checkpoint.pt"
+    save(path, {"step": 2, "config": {}, "last": {}})  # the layout before probes had state
+    with pytest.raises(ConfigError, match="another version of gradexp") as e:
+        resume_state(path, cfg)
+    assert "\n" not in str(e.value)
