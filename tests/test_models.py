@@ -231,7 +231,7 @@ RUN = (
     "extra", [(), ("clip=agc", "norm=batch"), ("clip=norm", "optim=adam"), ("clip=value",)]
 )
 def test_train_run_end_to_end(tmp_path, extra):
-    from gradexp.train import SUMMARY_FILE
+    from gradexp.rundir import SUMMARY_FILE
 
     cfg = composed(*RUN, *extra)
     console = Console(file=io.StringIO(), width=200)

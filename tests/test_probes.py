@@ -318,7 +318,8 @@ def test_a_batchnorm_run_ends_with_its_folded_model(tmp_path: Path):
     assert fold["folded"] == 3 and fold["remaining"] == 0  # every hidden Linear + BatchNorm
     # Folding changes the arithmetic, not the function: same test metrics, tiny difference.
     assert fold["loss/test"] == pytest.approx(summary["metrics"]["loss/test"], rel=1e-4)
-    assert fold["acc/test"] == pytest.approx(summary["metrics"]["acc/test"], abs=1e-6)
+    # at most one of the 64 test examples may flip, where two logits are within ~1e-6
+    assert fold["acc/test"] == pytest.approx(summary["metrics"]["acc/test"], abs=1 / 64 + 1e-9)
     assert 0 <= fold["max_abs_diff"] < 1e-4
     assert fold["speedup"] > 0
     assert "BatchNorm folded into 3 layers" in console.getvalue()

@@ -21,9 +21,8 @@ from typing import Any
 
 from gradexp.config import EXECUTION_KEYS, Config, Schedule, flat
 from gradexp.errors import ConfigError
-from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE
+from gradexp.rundir import SUMMARY_FILE
 
-__all__ = ["CHECKPOINT_FILE"]  # re-exported: where checkpoints are
 # The layout of a checkpoint (gradexp.train.Trainer.state_dict); another one is refused.
 CHECKPOINT_FORMAT = 2
 

@@ -153,12 +153,6 @@ def _head_scale(theory: Sequence[float | None], measured: Sequence[float | None]
     return head / last
 
 
-def _values(snap: StepRecord, key: str, layers: int) -> list[float]:
-    """A snapshot's per-layer values of ``key`` (NaN for each layer when it has none)."""
-    values = snap.layers.get(key)
-    return [math.nan] * layers if values is None else values
-
-
 def _check_lengths(name: str, values: Sequence[float | None], layers: int) -> None:
     if len(values) != layers:
         raise ValueError(f"{name} has {len(values)} values for {layers} layers")
@@ -240,7 +234,7 @@ def flow_figure(
     by_step: dict[int, StepRecord] = {}
     for snap in snapshots:
         for key, _, _ in PANELS:
-            _check_lengths(f"step {snap.step} {key}", _values(snap, key, len(layers)), len(layers))
+            _check_lengths(f"step {snap.step} {key}", snap.layer(key, len(layers)), len(layers))
         by_step[snap.step] = snap
     chosen = pick_steps(list(by_step), max_lines)
     shown = [by_step[s] for s in chosen]
@@ -258,7 +252,7 @@ def flow_figure(
         for snap in shown:
             ax.plot(
                 x,
-                _positive(_values(snap, key, len(layers))),
+                _positive(snap.layer(key, len(layers))),
                 color=colors[snap.step],
                 lw=1.5,
                 marker=_marker(len(layers)),
@@ -272,7 +266,7 @@ def flow_figure(
     if "signal_fwd" in theory:
         _theory_line(fwd_ax, theory["signal_fwd"])
     if "signal_bwd" in theory and shown:
-        scale = _head_scale(theory["signal_bwd"], _values(shown[0], "signal_bwd", len(layers)))
+        scale = _head_scale(theory["signal_bwd"], shown[0].layer("signal_bwd", len(layers)))
         if scale is not None:
             _theory_line(bwd_ax, theory["signal_bwd"], scale)
     for ax in axes[: len(PANELS)]:

@@ -216,7 +216,8 @@ def check_resume(args: list[str], cfg: Config) -> None:
             "trainer.resume=true: name the run to continue, hydra.run.dir=RUN_DIR"
             " (or: gradexp resume RUN_DIR)"
         )
-    from gradexp.checkpoint import CHECKPOINT_FILE, resume_state  # torch: only to resume
+    from gradexp.checkpoint import resume_state  # torch: only to resume
+    from gradexp.rundir import CHECKPOINT_FILE
 
     resume_state(Path(given[-1]) / CHECKPOINT_FILE, cfg)
 

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from gradexp.data import Dataset
 
 Stats = dict[str, "torch.Tensor | float"]
+# Custom Scalars charts that collect the scalars of several probes.
+LOSS_CHART = "loss (train, test) and the input-blind baseline"
+ACC_CHART = "accuracy (train, test)"
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,7 @@ class TaskProbe(Probe):
         self.data = data
         self.scaler = scaler
         self.last = (time.perf_counter(), start_step - 1)
-        loss_chart, acc_chart = "loss (train, test) and the input-blind baseline", None
-        if not data.spec.regression:
-            acc_chart = "accuracy (train, test)"
+        loss_chart, acc_chart = LOSS_CHART, None if data.spec.regression else ACC_CHART
         task = {"section": "task", "kind": "scalar"}
         self.quantities = [
             Quantity(
@@ -223,7 +224,7 @@ class EvalProbe(Probe):
             Quantity(
                 "loss/test",
                 doc="loss on the whole test set (eval mode)",
-                chart="loss (train, test) and the input-blind baseline",
+                chart=LOSS_CHART,
                 **task,
             ),
             *(
@@ -233,7 +234,7 @@ class EvalProbe(Probe):
                     Quantity(
                         "acc/test",
                         doc="accuracy on the whole test set",
-                        chart="accuracy (train, test)",
+                        chart=ACC_CHART,
                         **task,
                     )
                 ]

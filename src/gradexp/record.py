@@ -159,8 +159,7 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers only (a checkpoint is loaded with weights_only=True)."""
-        records = [{**asdict(r), "params": {}, "hists": {}} for r in self.records]
-        return {"names": self.names, "records": records}
+        return {"names": self.names, "records": [asdict(r) for r in self.records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.names = list(state["names"])

@@ -56,8 +56,13 @@ from gradexp.probes import (
     to_host,
 )
 from gradexp.record import History, StepRecord
-from gradexp.rundir import CHECKPOINT_FILE, FIGURE_FILE, summary_text, write_text_atomic
-from gradexp.rundir import SUMMARY_FILE as SUMMARY_FILE
+from gradexp.rundir import (
+    CHECKPOINT_FILE,
+    FIGURE_FILE,
+    SUMMARY_FILE,
+    summary_text,
+    write_text_atomic,
+)
 from gradexp.telemetry import LayerMap
 from gradexp.theory import TheoryUnavailable, jacobian_spectrum, mean_field
 from gradexp.verdicts import judge
@@ -213,6 +218,7 @@ class Trainer:
         t = self.cfg.trainer
         self.progress = ProgressReporter(t.progress, t.steps, self.console)
         self.start = time.perf_counter()
+        self.loop_time: float | None = None  # the loop's wall time, once it has ended
         # Between two steps the state is whole: a signal stops the loop there (and is saved).
         self.stopper = StopOnSignal().__enter__()
         self.sweep_stop = sweep_stop_file()  # a sweep's driver stops its jobs through it
@@ -429,7 +435,7 @@ class Trainer:
 
     # --- the end -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        wall = getattr(self, "loop_time", None) or time.perf_counter() - self.start
+        wall = self.loop_time or time.perf_counter() - self.start
         health = next((p for p in self.probes if isinstance(p, ActivationHealthProbe)), None)
         dead = health.result() if health else [None] * len(self.layers)
         summarized = [q for q in self.quantities if q.kind == "layer" and q.summary]
