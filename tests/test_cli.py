@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import os
 import re
 import shlex
 import shutil
@@ -519,18 +520,40 @@ def test_two_modes_fail_in_one_line(tmp_path: Path) -> None:
     assert_one_line_error(proc, "-m and --cfg", "choose one")
 
 
+# A crash no check can foresee (a bug): the loop of a width-7 job raises. Injected through
+# sitecustomize, which every Python process of the command imports first.
+CRASH_WIDTH_7 = """
+import gradexp.train as train
+
+loop = train.Trainer.loop
+
+
+def crashing(self):
+    if self.cfg.model.width == 7:
+        raise RuntimeError("injected: the loop of a width-7 job crashed")
+    return loop(self)
+
+
+train.Trainer.loop = crashing
+"""
+
+
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    # A width the allocator refuses: passes every check, fails building the model.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CRASH_WIDTH_7)
+    path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)
     sweep = tmp_path / "sweep"
     proc = run_cli(
-        ["train", "-m", *TINY, "model.width=1000000000000,8", f"hydra.sweep.dir={sweep}"],
+        ["train", "-m", *TINY, "model.width=7,8", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
+        env={"PYTHONPATH": path},
     )
     assert proc.returncode == 0, describe(proc)
     failed, ok = sorted(p for p in sweep.iterdir() if p.is_dir())
     summary = load_summary(failed)
-    assert summary["status"] == "failed" and summary["verdicts"] == []
-    assert summary["error"].startswith("RuntimeError:") and "allocate" in summary["error"]
+    assert summary["status"] == "failed"
+    assert summary["error"] == "RuntimeError: injected: the loop of a width-7 job crashed"
     assert f"gradexp: job 0 failed: {summary['error']}" in proc.stderr
     assert load_summary(ok)["status"] == "completed"  # the job after it ran
 

@@ -2,7 +2,8 @@
 
 Most tests read a synthetic outputs tree written by hand (shaped like real runs), so
 they need no training: a completed run, a diverged one, a failed one, one killed before
-it wrote summary.json, and one whose summary.json is truncated.
+it wrote summary.json, and one whose summary.json is truncated. The ``--png`` of a large
+tree reads a synthetic sweep of 200 runs (_large_tree).
 """
 
 from __future__ import annotations
@@ -343,3 +344,124 @@ def test_recurrent_runs_get_the_time_ratio_columns(tmp_path: Path, capsys) -> No
     assert "time: ||dL/dh|| at the first time step" in " ".join(capsys.readouterr().out.split())
     # A feed-forward tree has no time columns.
     assert "time/0" not in report.table_columns(rows[1:])
+
+
+INITS = ("normal", "kaiming_normal", "xavier_normal", "orthogonal", "identity")
+GAIN = {"normal": 0.3, "kaiming_normal": 1.0, "xavier_normal": 0.8, "orthogonal": 0.95}
+
+
+def _large_tree(root: Path, runs: int, depths: tuple[int, ...] = tuple(range(3, 13))) -> Path:
+    """A sweep of ``runs`` runs over init x optim.lr x model.depth (and a seed each): the
+    gradient at depth falls or grows by init's gain a layer; every 50th run failed and
+    the one after it was killed before writing summary.json."""
+    sweep = root / "big"
+    lrs = ("0.001", "0.01", "0.1", "1.0")
+    for i in range(runs):
+        init = INITS[i % len(INITS)]
+        lr = lrs[i // len(INITS) % len(lrs)]
+        depth = depths[i // (len(INITS) * len(lrs)) % len(depths)]
+        run = sweep / f"{i}"
+        (run / ".hydra").mkdir(parents=True)
+        overrides = [f"init={init}", f"optim.lr={lr}", f"model.depth={depth}", f"seed={i}"]
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        if i % 50 == 9:
+            continue  # killed
+        if i % 50 == 8:
+            summary: dict[str, Any] = FAILED
+        else:
+            gain = GAIN.get(init, 1.5) * (1 + i / 1000)
+            names = [f"hidden.{j}" for j in range(depth)] + ["head"]
+            layers = [
+                _layer(j, name, (g := 1e-2 * gain ** (depth - j), 2 * g), (10 * g, 20 * g))
+                for j, name in enumerate(names)
+            ]
+            summary = _summary("completed", COMPLETED["metrics"], layers, [])
+        (run / "summary.json").write_text(json.dumps(summary))
+    return sweep
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header: its IHDR chunk comes first."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_png_of_a_large_tree_is_one_bounded_summary(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    tree = _large_tree(tmp_path, 200)
+    out = tmp_path / "figs"
+    proc = run_cli(["report", str(tree), "--png", str(out / "flow.png")], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "200 run(s)" in proc.stdout
+    # One file, of the summary's fixed size, named on stdout with what colours its lines.
+    assert [p.name for p in out.glob("*.png")] == ["flow.png"]
+    size = tuple(round(inches * report.DPI) for inches in report.SUMMARY_SIZE)
+    assert _png_size(out / "flow.png") == size == (1200, 900)
+    told = [line for line in proc.stdout.splitlines() if line.startswith(str(out / "flow.png"))]
+    assert len(told) == 1 and "200 runs" in told[0] and "coloured by init" in told[0], told
+
+
+def test_summary_draws_every_run_in_every_panel(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = report.load_runs([_large_tree(tmp_path, 200)])
+    keys = report.varying(rows)
+    assert keys == ["init", "optim.lr", "model.depth", "seed"]
+    fig = report.flow_summary_figure(rows, "init")
+    drawn = {r.name for r in rows if r.status == "completed"}
+    assert len(drawn) == 200 - 8  # 4 failed, 4 killed
+    panels = fig.axes
+    assert len(panels) == 4  # a legend, no colour bar: 5 values of init
+    for ax in panels:
+        lines = ax.get_lines()
+        assert sorted(line.get_gid() for line in lines) == sorted(drawn)
+    # One colour per init, a different one each; the legend names them all.
+    color_of = {line.get_gid(): line.get_color() for line in panels[0].get_lines()}
+    by_init: dict[str, set] = {}
+    for row in rows:
+        if row.name in color_of:
+            by_init.setdefault(row.overrides["init"], set()).add(str(color_of[row.name]))
+    assert all(len(c) == 1 for c in by_init.values()) and len(set.union(*by_init.values())) == 5
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(labels) == sorted(f"init={i}" for i in INITS)
+    # The runs it could not draw are counted; depths differ, so x is the relative depth.
+    title = fig._suptitle.get_text()
+    assert "200 runs" in title and "8 not drawn, no per-layer data: 4 failed, 4 no summary" in title
+    assert panels[-1].get_xlabel().startswith("relative depth")
+    assert max(line.get_xdata()[-1] for line in panels[0].get_lines()) == 1.0
+
+
+def test_summary_colour_key_and_colour_bar(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    keys = ["init", "optim.lr", "seed"]
+    assert report.color_key(keys) == "init"
+    assert report.color_key(keys, "optim.lr") == "optim.lr"  # --sort picks it
+    assert report.color_key(keys, "acc/test") == "init"  # a column, not an override
+    assert report.color_key([], None) is None  # nothing differs: colour by status
+    # One depth: x is the layer, ticks named; 60 seeds are too many for a legend.
+    rows = report.load_runs([_large_tree(tmp_path, 60, depths=(4,))])
+    fig = report.flow_summary_figure(rows, "seed")
+    assert len(fig.axes) == 5 and not fig.legends  # four panels and a colour bar
+    bar = fig.axes[-1]
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels[0] == "0" and labels[-1] == "57"  # 58 failed, 59 was killed: not drawn
+    assert len(labels) <= report.MAX_COLORBAR_LABELS + 1
+    ticks = [t.get_text() for t in fig.axes[2].get_xticklabels()]
+    assert ticks == ["hidden.0", "hidden.1", "hidden.2", "hidden.3", "head"]
+    # Colour by status: the no-override fallback.
+    fig = report.flow_summary_figure(rows, None)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["completed"]
+
+
+def test_png_is_the_grid_up_to_max_panels(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = report.load_runs([_large_tree(tmp_path, report.MAX_PANELS + 1)])
+    grid, summary = tmp_path / "grid.png", tmp_path / "summary.png"
+    assert report.flow_png(rows[:-1], report.varying(rows), grid) is None
+    n_rows, n_cols = report.grid_shape(report.MAX_PANELS)
+    width = round(n_cols * report.PANEL_WIDTH * report.DPI)
+    height = round((n_rows * report.PANEL_HEIGHT + report.LEGEND_HEIGHT) * report.DPI)
+    assert _png_size(grid) == (width, height) == (1600, 2150)
+    told = report.flow_png(rows, report.varying(rows), summary, sort="optim.lr")
+    assert told is not None and "25 runs" in told and "coloured by optim.lr" in told
+    assert _png_size(summary) == (1200, 900)

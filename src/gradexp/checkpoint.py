@@ -9,6 +9,7 @@ during the write leaves the previous one intact.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,27 +21,40 @@ from pathlib import Path
 from typing import Any
 
 from gradexp.config import EXECUTION_KEYS, Config, Schedule, flat
-from gradexp.errors import ConfigError
-from gradexp.rundir import SUMMARY_FILE
+from gradexp.errors import ConfigError, shorten
+from gradexp.rundir import SUMMARY_FILE, write_bytes_atomic
 
 # The layout of a checkpoint (gradexp.train.Trainer.state_dict); another one is refused.
 CHECKPOINT_FORMAT = 2
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically."""
+    """Write ``state`` to ``path`` atomically. Serialized in memory first: a full disk
+    then raises OSError(ENOSPC) from the write (torch's own file writer says only
+    "iostream error"), and the temporary file is removed."""
     import torch  # here: a sweep's driver uses this module without torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def load(path: Path) -> dict[str, Any]:
-    """The state saved by ``save`` (tensors on the CPU)."""
+    """The state saved by ``save`` (tensors on the CPU); ConfigError (one line) for a file
+    that is not one (truncated, corrupt, another program's)."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if isinstance(e, OSError) and not path.is_file():
+            raise
+        text = str(e).strip()  # torch's first sentence says what is wrong with the file
+        why = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise ConfigError(
+            f"{path}: not a readable checkpoint, truncated or corrupt ({shorten(why, limit=120)});"
+            " restore it, or start the run again in another hydra.run.dir"
+        ) from None
 
 
 class StopOnSignal:

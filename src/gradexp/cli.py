@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from gradexp import __version__
-from gradexp.errors import ConfigError
+from gradexp.errors import ConfigError, RunError, shorten
 
 CONFIG_DIR = str(Path(__file__).parent / "configs")
 
@@ -57,8 +58,54 @@ warnings.filterwarnings(
 
 def fail(message: str, code: int = 2) -> None:
     """Print one line to stderr and exit: the contract for bad input."""
+    # A value of thousands of characters is named by its head, length and tail.
+    message = " ".join(shorten(word) for word in message.split(" "))
     print(f"gradexp: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+class _PipeSafe:
+    """A standard stream whose reader may go away (``| head``, a pager quit, a failed
+    ``tee``): from then on what is written goes to /dev/null and the run goes on. The
+    run's results are its files, never its terminal output."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+            self._stream.flush()  # what was buffered goes to /dev/null now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def guard_output() -> None:
+    """Training outlives its terminal: SIGPIPE ignored (a write to a closed pipe raises
+    instead of killing the process) and stdout/stderr made ``_PipeSafe``. Idempotent."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _PipeSafe):
+            setattr(sys, name, _PipeSafe(stream))
 
 
 def objective_value(
@@ -82,15 +129,8 @@ def _train_job(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from gradexp.checkpoint import (
-        NOT_STARTED,
-        ignore_sigint_between_jobs,
-        stop_sweep,
-        sweep_stopped,
-    )
-    from gradexp.config import to_config
-    from gradexp.rundir import minimal_summary, record_failure, write_summary
-    from gradexp.train import NonFiniteError, run
+    from gradexp.checkpoint import ignore_sigint_between_jobs
+    from gradexp.rundir import claim, release
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -104,12 +144,48 @@ def _train_job(cfg: DictConfig) -> Any:
     metric, penalty = objective.get("metric", "loss/test"), objective.get("penalty")
     if multirun:
         ignore_sigint_between_jobs()
+
+    def objective_value_of(summary: dict[str, Any] | None) -> float:
+        return objective_value(summary, metric, penalty, maximize)
+
+    guard_output()
+    try:
+        # A run dir belongs to one run (a single run named by hydra.run.dir holds it since
+        # preflight). Refused: nothing of the dir is touched, not even a failure summary.
+        took = claim(output_dir, resume=bool(cfg.trainer.resume))
+    except ConfigError as e:
+        if not multirun:
+            fail(str(e))
+        print(f"gradexp: job {hydra_cfg.job.num} not run: {e}", file=sys.stderr)
+        return objective_value(None, metric, penalty, maximize)
+    try:
+        return _run_job(cfg, output_dir, multirun, optimizing, objective_value_of)
+    finally:
+        if took and multirun:  # the next job of this process may be another's
+            release(output_dir)
+
+
+def _run_job(
+    cfg: DictConfig,
+    output_dir: Path,
+    multirun: bool,
+    optimizing: bool,
+    value: Callable[[dict[str, Any] | None], float],
+) -> Any:
+    """The job in its claimed run dir; returns what the sweeper reads (``value``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from gradexp.checkpoint import NOT_STARTED, stop_sweep, sweep_stopped
+    from gradexp.config import to_config
+    from gradexp.rundir import minimal_summary, record_failure, write_summary
+    from gradexp.train import NonFiniteError, run
+
     if multirun and sweep_stopped():  # gradexp resume starts it from step 0
         summary = minimal_summary("interrupted", NOT_STARTED)
         write_summary(output_dir, summary)
         if optimizing:  # not a trial's result: the sweeper records a failure and stops
             raise RuntimeError(NOT_STARTED)
-        return objective_value(summary, metric, penalty, maximize)
+        return value(summary)
     try:
         summary = run(to_config(cfg), output_dir)
     except NonFiniteError as e:  # on_nonfinite=raise
@@ -117,21 +193,24 @@ def _train_job(cfg: DictConfig) -> Any:
     except Exception as e:
         if isinstance(e, ConfigError) and not multirun:
             fail(str(e))
+        if isinstance(e, (RunError, MemoryError)) and not multirun:
+            # Not a bug: the machine ran out of something. The run's summary says so.
+            fail(record_failure(output_dir, e), code=1)
         # A job of a sweep that raises (or whose values the sweep did not know before it
         # ran: an optuna sample) is recorded and the sweep goes on; a single run keeps its
         # traceback (a crash is a bug to report, not bad input).
         error = record_failure(output_dir, e)
         if not multirun:
             raise
-        print(f"gradexp: job {hydra_cfg.job.num} failed: {error}", file=sys.stderr)
-        return objective_value(None, metric, penalty, maximize)
+        print(f"gradexp: job {HydraConfig.get().job.num} failed: {error}", file=sys.stderr)
+        return value(None)
     if summary["status"] == "interrupted":
         if not multirun:
             raise SystemExit(130)
         stop_sweep()  # the jobs after this one do not start; the sweep exits 130
         if optimizing:
             raise RuntimeError("interrupted: not a trial's result")
-    return objective_value(summary, metric, penalty, maximize)
+    return value(summary)
 
 
 def _run_hydra(args: list[str]) -> None:
@@ -201,6 +280,7 @@ def _train(args: list[str]) -> None:
             args = [*args, *sweep_name_args(args), *launcher_args(args)]
     except ConfigError as e:
         fail(str(e))
+    guard_output()
     if not any(a in ("-m", "--multirun") for a in args):
         _run_hydra(args)
         return
@@ -255,13 +335,28 @@ def _resume(args: list[str]) -> None:
     _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])
 
 
+SUBCOMMANDS = ("train", "resume", "report")
+
+
 def _completion(args: list[str]) -> None:
-    # Hydra's completion script calls `gradexp -sc query=bash` with the whole
-    # command line in COMP_LINE; drop the subcommand so Hydra sees its own app.
+    """Shell completion (``eval "$(gradexp -sc install=bash)"``). Hydra's completion
+    script calls ``gradexp -sc query=bash`` with the whole command line in COMP_LINE and
+    filters what it prints by the word being completed, falling back to the shell's own
+    (file names) when nothing matches. The subcommand is completed here; after ``train``
+    Hydra completes its overrides; after ``resume`` and ``report`` (run dirs) the shell
+    completes paths."""
     line = os.environ.get("COMP_LINE", "")
-    words = line.split(" ", 2)
-    if len(words) >= 2 and words[1] == "train":
-        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+    words = line.split()
+    if any(a.startswith("query=") for a in args):
+        typed = len(words) - (0 if line.endswith(" ") else 1)  # words before the cursor's
+        if typed <= 1:
+            print(" ".join(SUBCOMMANDS))
+            return
+        if words[1] != "train":
+            print()  # nothing of Hydra's: the shell completes the path
+            return
+        # Hydra completes its own app: drop the subcommand.
+        os.environ["COMP_LINE"] = line.replace(" train", "", 1)
     _run_hydra(args)
 
 

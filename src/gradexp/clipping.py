@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradexp.config import AGCConfig, ClipConfig, NormClipConfig, ValueClipConfig
+from gradexp.errors import ConfigError
 from gradexp.record import Quantity
 from gradexp.registry import Registry
 
@@ -107,6 +108,24 @@ class ValueClip(ClipMode):
         return stats
 
 
+def _excludes(module: str, param: str) -> bool:
+    return param == module or param.startswith(module + ".")
+
+
+def check_exclude(cfg: ClipConfig, names: list[str]) -> None:
+    """ConfigError (one line) for a name in ``clip.exclude`` that is no module of the
+    model (with parameters): it would exclude nothing, silently. ``names``: the model's
+    parameter names."""
+    for module in getattr(cfg, "exclude", []):
+        if not any(_excludes(module, n) for n in names):
+            top = dict.fromkeys(n.split(".")[0] for n in names)
+            example = next((n.rpartition(".")[0] for n in names if n.count(".") > 1), None)
+            raise ConfigError(
+                f"clip.exclude=[{module}]: the model has no module {module!r}; choose from"
+                f" {', '.join(top)}" + (f" or a sub-module (e.g. {example})" if example else "")
+            )
+
+
 @CLIP_MODES.decorate("agc")
 class AGC(ClipMode):
     """Adaptive gradient clipping (Brock et al. 2021), unit-wise: for each unit i (row of
@@ -135,7 +154,8 @@ class AGC(ClipMode):
     ) -> None:
         super().__init__(cfg, params, names, layer_index, num_layers)
         assert isinstance(cfg, AGCConfig)
-        excluded = [any(n == e or n.startswith(e + ".") for e in cfg.exclude) for n in names]
+        check_exclude(cfg, names)
+        excluded = [any(_excludes(e, n) for e in cfg.exclude) for n in names]
         agc_params = [i for i, ex in enumerate(excluded) if not ex]
         # Parameters whose unit views share a shape are clipped as one stacked tensor.
         groups: dict[tuple, list[int]] = defaultdict(list)

@@ -4,9 +4,11 @@ Each YAML option under ``configs/<group>/`` starts its defaults list with the
 schema of its kind (``- /schema_<group>_<kind>@_here_``), so a misspelt key or a
 value of the wrong type fails when Hydra composes the config, before any run. The
 schema's defaults are the option's: an option file sets its name and only what
-differs. Each schema checks its own values (``validate``); ``validate(cfg)`` adds
-the checks that read two groups, and a model family's and a task's facts (the inputs
-it reads and the norms it takes; the kind of input it feeds) are on their schemas.
+differs. Each schema checks its own values (``validate``): every number against the
+range the schema declares for it (``Range``: NaN is always refused, an infinity unless
+the range takes it), then what no range expresses; ``validate(cfg)`` adds the checks
+that read two groups, and a model family's and a task's facts (the inputs it reads and
+the norms it takes; the kind of input it feeds) are on their schemas.
 
 This module must not import torch: the CLI imports it to build ``gradexp train --help``
 and to check a command line before any job starts.
@@ -15,6 +17,7 @@ and to check a command line before any job starts.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -87,23 +90,123 @@ class Schedule(enum.Enum):
     cosine = "cosine"
 
 
+# The largest size or count a key takes: a dimension torch can index with (int32).
+INT_LIMIT = 2**31 - 1
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes, and how an error states them.
+
+    A float key must be finite unless ``infinite`` (NaN never passes). Its two bounds read
+    as an interval ("must be in [0, 1)"), one bound as a comparison ("must be > 0 and
+    finite"). An integer key always has two bounds, the upper one a size limit, read as a
+    second comparison ("must be > 0 and <= 2147483647"). ``note`` says what a special value
+    means; it follows the first bound ("must be >= 0 (0: full BPTT) and <= ...")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+    integer: bool = False  # the key is an int (or a list of ints)
+    infinite: bool = False  # a float key that takes inf (within its bounds)
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer:
+            if not isinstance(value, int):
+                return False
+        else:
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond any float
+                return False
+            if math.isnan(value) or (math.isinf(value) and not self.infinite):
+                return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        note = f" ({self.note})" if self.note else ""
+        if not self.integer and self.low is not None and self.high is not None:
+            left, right = "(["[not self.low_open], ")]"[not self.high_open]
+            return f"must be in {left}{_number(self.low)}, {_number(self.high)}{right}{note}"
+        clauses = []
+        if self.low is not None:
+            clauses.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+        if self.high is not None:
+            clauses.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+        if not self.integer and not self.infinite:
+            clauses.append("finite")
+        if not clauses:
+            return f"may be any number{note}"
+        first, *rest = clauses
+        return " and ".join([f"must be {first}{note}", *rest])
+
+
+# The ranges most keys take.
+FINITE = Range()  # any finite float
+POSITIVE = Range(0, low_open=True)  # a finite float > 0
+NONNEGATIVE = Range(0)  # a finite float >= 0
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): momentum, Adam's betas, RMSprop's alpha
+SIZE = Range(0, INT_LIMIT, low_open=True, integer=True)  # a size or a count, >= 1
+# torch.manual_seed's own range: a 64-bit integer, signed or not
+SEED = Range(-(2**63), 2**64 - 1, integer=True)
+
+
+def _int_from(low: int, note: str = "") -> Range:
+    """An integer key >= ``low`` (and a size torch can index with)."""
+    return Range(low, INT_LIMIT, integer=True, note=note)
+
+
+def ranges_of(cls: type) -> dict[str, Range]:
+    """The ranges ``cls`` and its bases declare (``ranges``), a subclass's over its base's."""
+    out: dict[str, Range] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("ranges", {}))
+    return out
+
+
+def check_ranges(node: Any, prefix: str = "") -> None:
+    """Raise ConfigError naming the first of ``node``'s fields outside its declared range
+    (a list's every item must be in it; an unset optional key is not checked)."""
+    ranges = ranges_of(type(node))
+    for f in fields(node):
+        if f.name not in ranges:
+            continue
+        value, allowed = getattr(node, f.name), ranges[f.name]
+        if value is None:
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if all(item in allowed for item in items):
+            continue
+        key = f"{prefix}{f.name}"
+        if isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={list(value)}: each item {allowed}")
+        raise ConfigError(f"{key}={value}: {allowed}")
+
+
 class Schema:
     """A group's schema: its defaults are the option's (an option file sets only what
-    differs), and it checks the values a type cannot express."""
+    differs), and it checks the values a type cannot express.
+
+    Every numeric field has a declared range (``ranges``: a subclass's add to its base's),
+    checked by ``validate``; a subclass's ``validate`` calls ``super().validate()`` first,
+    then checks what no range expresses (choices, one key against another)."""
 
     group: ClassVar[str]  # the config key it sits under, as error messages name it
+    ranges: ClassVar[dict[str, Range]] = {}
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value of this group, if any."""
-
-    def _positive(self, *keys: str) -> None:
-        for key in keys:
-            _positive(getattr(self, key), f"{self.group}.{key}")
-
-
-def _positive(value: float, key: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}={value}: must be > 0")
+        check_ranges(self, f"{self.group}.")
 
 
 def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
@@ -135,14 +238,12 @@ class ModelConfig(Schema):
 class MLPConfig(ModelConfig):
     inputs = ("vector", "image", "sequence")  # flattens anything
     norms = _FEEDFORWARD_NORMS
+    ranges = {"depth": SIZE, "width": SIZE}
 
     name: str = "mlp"
     depth: int = 20  # number of hidden layers
     width: int = 16
     bias: bool = True
-
-    def validate(self) -> None:
-        self._positive("depth", "width")
 
 
 @dataclass
@@ -151,6 +252,7 @@ class ResMLPConfig(ModelConfig):
 
     inputs = ("vector", "image", "sequence")
     norms = _FEEDFORWARD_NORMS
+    ranges = {"depth": SIZE, "width": SIZE}
 
     name: str = "resmlp"
     depth: int = 20  # weight layers before the head, as in mlp
@@ -158,14 +260,17 @@ class ResMLPConfig(ModelConfig):
     bias: bool = True
     zero_init_last: bool = False  # zero each block's Linear: every block starts as identity
 
-    def validate(self) -> None:
-        self._positive("depth", "width")
-
 
 @dataclass
 class CNNConfig(ModelConfig):
     inputs = ("image",)
     norms = (*_FEEDFORWARD_NORMS, "weight_std")
+    ranges = {
+        "depth": SIZE,
+        "channels": SIZE,
+        "kernel_size": SIZE,
+        "downsample": _int_from(0),
+    }
 
     name: str = "cnn"
     depth: int = 10  # conv layers
@@ -175,7 +280,7 @@ class CNNConfig(ModelConfig):
     bias: bool = True
 
     def validate(self) -> None:
-        self._positive("depth", "channels", "kernel_size")
+        super().validate()
         bad = [i for i in self.downsample if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(
@@ -185,7 +290,7 @@ class CNNConfig(ModelConfig):
 
 
 def _check_blocks(blocks: list[int]) -> None:
-    if not blocks or min(blocks) < 1:
+    if not blocks:  # each stage's count is in ranges
         raise ConfigError(f"model.blocks={list(blocks)}: need one or more stages of >= 1")
 
 
@@ -193,6 +298,7 @@ def _check_blocks(blocks: list[int]) -> None:
 class ResNetConfig(ModelConfig):
     inputs = ("image",)
     norms = (*_FEEDFORWARD_NORMS, "weight_std")
+    ranges = {"blocks": SIZE, "width": SIZE}
 
     name: str = "resnet"
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2])  # basic blocks per stage
@@ -200,7 +306,7 @@ class ResNetConfig(ModelConfig):
     zero_init_last: bool = False  # zero each block's last norm gain (or conv, without norm)
 
     def validate(self) -> None:
-        self._positive("width")
+        super().validate()
         _check_blocks(self.blocks)
 
 
@@ -208,6 +314,7 @@ class ResNetConfig(ModelConfig):
 class NFNetConfig(ModelConfig):
     inputs = ("image",)
     norms = ("none",)
+    ranges = {"blocks": SIZE, "width": SIZE, "alpha": POSITIVE}
 
     name: str = "nfnet"
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
@@ -216,7 +323,7 @@ class NFNetConfig(ModelConfig):
     zero_init_last: bool = True  # zero the gain of each branch's last conv (SkipInit)
 
     def validate(self) -> None:
-        self._positive("width", "alpha")
+        super().validate()
         _check_blocks(self.blocks)
 
     def norm_reason(self, norm: str) -> str | None:
@@ -232,6 +339,12 @@ class RecurrentConfig(ModelConfig):
 
     inputs = ("sequence", "image")  # images row by row (or pixel by pixel)
     norms = ("none", "layer")
+    ranges = {
+        "hidden_size": SIZE,
+        "layers": SIZE,
+        "recurrent_std": NONNEGATIVE,
+        "recurrent_scale": FINITE,
+    }
 
     name: str = MISSING
     hidden_size: int = 64
@@ -244,11 +357,9 @@ class RecurrentConfig(ModelConfig):
     read: str = "rows"  # images as sequences: rows (H steps of C*W) | pixels (H*W steps of C)
 
     def validate(self) -> None:
-        self._positive("hidden_size", "layers")
+        super().validate()
         _choice(self.recurrent_init, "model.recurrent_init", RECURRENT_INITS)
         _choice(self.read, "model.read", ("rows", "pixels"))
-        if self.recurrent_std < 0:
-            raise ConfigError(f"model.recurrent_std={self.recurrent_std}: must be >= 0")
 
     def norm_reason(self, norm: str) -> str | None:
         if norm == "batch":
@@ -263,18 +374,17 @@ class RecurrentConfig(ModelConfig):
 class IRNNConfig(RecurrentConfig):
     """Le, Jaitly & Hinton 2015: ReLU, identity recurrence, N(0, input_std^2) input/output."""
 
+    ranges = {"input_std": NONNEGATIVE}
+
     name: str = "irnn"
     recurrent_init: str = "identity"  # identity x recurrent_scale
     input_std: float = 0.001  # input and output weights; the init group is not used
 
-    def validate(self) -> None:
-        super().validate()
-        if self.input_std < 0:
-            raise ConfigError(f"model.input_std={self.input_std}: must be >= 0")
-
 
 @dataclass
 class LSTMConfig(RecurrentConfig):
+    ranges = {"forget_bias": FINITE}
+
     name: str = "lstm"
     forget_bias: float = 1.0  # the forget gate's bias starts here (b_ih + b_hh)
 
@@ -289,17 +399,22 @@ class ActivationConfig(Schema):
 
 @dataclass
 class LeakyReLUConfig(ActivationConfig):
+    ranges = {"negative_slope": FINITE}
+
     negative_slope: float = 0.01
 
 
 @dataclass
 class RReLUConfig(ActivationConfig):
     # In training each element's slope ~ U[lower, upper]; in eval (lower + upper) / 2.
+    ranges = {"lower": NONNEGATIVE, "upper": NONNEGATIVE}
+
     lower: float = 0.125
     upper: float = 0.3333333333  # torch's 1/3, to the 10 digits every run has used
 
     def validate(self) -> None:
-        if not 0 <= self.lower <= self.upper:
+        super().validate()
+        if not self.lower <= self.upper:
             raise ConfigError(
                 f"activation.lower={self.lower}, activation.upper={self.upper}:"
                 " need 0 <= lower <= upper"
@@ -308,12 +423,16 @@ class RReLUConfig(ActivationConfig):
 
 @dataclass
 class PReLUConfig(ActivationConfig):
+    ranges = {"init": FINITE}
+
     init: float = 0.25  # the learned slope's start
     shared: bool = False  # one slope for the layer instead of one per unit
 
 
 @dataclass
 class ELUConfig(ActivationConfig):
+    ranges = {"alpha": FINITE}
+
     alpha: float = 1.0
 
 
@@ -333,6 +452,7 @@ FALLBACK_INITS = (
 @dataclass
 class InitConfig(Schema):
     group: ClassVar[str] = "init"
+    ranges = {"bias": FINITE}
 
     name: str = MISSING
     bias: float = 0.0  # constant for every bias (ignored by `default`)
@@ -340,16 +460,16 @@ class InitConfig(Schema):
 
 @dataclass
 class NormalInitConfig(InitConfig):
+    ranges = {"mean": FINITE, "std": NONNEGATIVE}
+
     mean: float = 0.0
     std: float = 1.0
-
-    def validate(self) -> None:
-        if self.std < 0:
-            raise ConfigError(f"init.std={self.std}: must be >= 0")
 
 
 @dataclass
 class GainInitConfig(InitConfig):
+    ranges = {"gain": NONNEGATIVE}  # xavier's std is gain * ...: torch refuses a negative one
+
     gain: float = 1.0
 
 
@@ -358,15 +478,19 @@ class KaimingInitConfig(InitConfig):
     mode: str = "fan_in"  # fan_in | fan_out; the gain follows the activation and its slope
 
     def validate(self) -> None:
+        super().validate()
         _choice(self.mode, "init.mode", ("fan_in", "fan_out"))
 
 
 @dataclass
 class IdentityInitConfig(InitConfig):
+    ranges = {"scale": FINITE}
+
     scale: float = 1.0  # square weights = scale * I
     fallback: str = "lecun_normal"  # for weights that are not square (input, output)
 
     def validate(self) -> None:
+        super().validate()
         _choice(self.fallback, "init.fallback", FALLBACK_INITS)
 
 
@@ -374,6 +498,7 @@ class IdentityInitConfig(InitConfig):
 @dataclass
 class NormConfig(Schema):
     group: ClassVar[str] = "norm"
+    ranges = {"eps": POSITIVE}
 
     name: str = MISSING
     eps: float = 1e-5
@@ -381,15 +506,16 @@ class NormConfig(Schema):
 
 @dataclass
 class BatchNormConfig(NormConfig):
+    ranges = {"momentum": Range(0, 1)}  # the running statistics' update weight
+
     momentum: float = 0.1
 
 
 @dataclass
 class GroupNormConfig(NormConfig):
-    num_groups: int = 8  # must divide model.width (model.channels)
+    ranges = {"num_groups": SIZE}
 
-    def validate(self) -> None:
-        self._positive("num_groups")
+    num_groups: int = 8  # must divide model.width (model.channels)
 
 
 # --- clip ------------------------------------------------------------------------
@@ -402,36 +528,37 @@ class ClipConfig(Schema):
 
 @dataclass
 class ValueClipConfig(ClipConfig):
-    threshold: float = 5.0  # every gradient component into [-threshold, threshold]
+    ranges = {"threshold": POSITIVE}
 
-    def validate(self) -> None:
-        self._positive("threshold")
+    threshold: float = 5.0  # every gradient component into [-threshold, threshold]
 
 
 @dataclass
 class NormClipConfig(ClipConfig):
-    max_norm: float = 1.0  # rescale all gradients when their global norm exceeds this
-    norm_type: float = 2.0
+    ranges = {
+        "max_norm": POSITIVE,
+        "norm_type": Range(0, low_open=True, infinite=True, note="inf: the largest |gradient|"),
+    }
 
-    def validate(self) -> None:
-        self._positive("max_norm", "norm_type")
+    max_norm: float = 1.0  # rescale all gradients when their global norm exceeds this
+    norm_type: float = 2.0  # the p of the p-norm; inf: the infinity norm
 
 
 @dataclass
 class AGCConfig(ClipConfig):
+    ranges = {"clipping": POSITIVE, "eps": POSITIVE}
+
     clipping: float = 0.01  # lambda: unit-wise ||G_i|| <= lambda * max(||W_i||, eps)
     eps: float = 1e-3
     # Modules (by name, with their sub-modules) left unclipped: the classifier.
     exclude: list[str] = field(default_factory=lambda: ["head"])
-
-    def validate(self) -> None:
-        self._positive("clipping", "eps")
 
 
 # --- optim -----------------------------------------------------------------------
 @dataclass
 class OptimConfig(Schema):
     group: ClassVar[str] = "optim"
+    ranges = {"lr": POSITIVE, "weight_decay": NONNEGATIVE, "l1": NONNEGATIVE}
 
     name: str = MISSING
     lr: float = 0.01
@@ -439,15 +566,11 @@ class OptimConfig(Schema):
     l1: float = 0.0  # coefficient of sum |w| added to the loss
     schedule: Schedule = Schedule.constant
 
-    def validate(self) -> None:
-        self._positive("lr")
-        for key in ("weight_decay", "l1"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0")
-
 
 @dataclass
 class SGDConfig(OptimConfig):
+    ranges = {"momentum": FRACTION}
+
     momentum: float = 0.9
     nesterov: bool = False
 
@@ -461,6 +584,8 @@ class SGDConfig(OptimConfig):
 class AdamConfig(OptimConfig):
     """Adam, and AdamW (optim=adamw: the same keys, weight decay decoupled)."""
 
+    ranges = {"beta1": FRACTION, "beta2": FRACTION, "eps": POSITIVE}
+
     lr: float = 0.001
     beta1: float = 0.9
     beta2: float = 0.999
@@ -469,6 +594,8 @@ class AdamConfig(OptimConfig):
 
 @dataclass
 class RMSpropConfig(OptimConfig):
+    ranges = {"alpha": FRACTION, "momentum": FRACTION, "eps": POSITIVE}
+
     lr: float = 0.001
     alpha: float = 0.99
     momentum: float = 0.0
@@ -482,6 +609,7 @@ class DataConfig(Schema):
 
     group: ClassVar[str] = "data"
     kind: ClassVar[str]  # vector (B, F), image (B, C, H, W) or sequence (B, T, F)
+    ranges = {"seed": SEED}
 
     name: str = MISSING
     seed: int = 0  # the data set's own seed: sweeping `seed` changes the init only
@@ -490,6 +618,14 @@ class DataConfig(Schema):
 @dataclass
 class SyntheticDataConfig(DataConfig):
     kind = "vector"
+    ranges = {
+        "features": SIZE,
+        "classes": _int_from(2),
+        "modes": SIZE,
+        "noise": NONNEGATIVE,
+        "n_train": SIZE,
+        "n_test": SIZE,
+    }
 
     features: int = 32
     classes: int = 10
@@ -498,27 +634,15 @@ class SyntheticDataConfig(DataConfig):
     n_train: int = 8192
     n_test: int = 2048
 
-    def validate(self) -> None:
-        self._positive("features", "classes", "modes", "n_train", "n_test")
-        _at_least(self.classes, "data.classes", 2)
-
-
-def _at_least(value: int, key: str, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"{key}={value}: need at least {low}")
-
 
 @dataclass
 class DigitsDataConfig(DataConfig):
     """sklearn's 1,797 8x8 digits (the optional extra [digits]); seed: the split's."""
 
     kind = "image"
+    ranges = {"test_fraction": Range(0, 1, low_open=True, high_open=True)}
 
     test_fraction: float = 0.2
-
-    def validate(self) -> None:
-        if not 0 < self.test_fraction < 1:
-            raise ConfigError(f"data.test_fraction={self.test_fraction}: must be in (0, 1)")
 
 
 @dataclass
@@ -526,6 +650,15 @@ class SyntheticImagesDataConfig(DataConfig):
     """Each class a smooth random template; examples are shifted, noisy copies."""
 
     kind = "image"
+    ranges = {
+        "size": SIZE,
+        "channels": SIZE,
+        "classes": _int_from(2),
+        "noise": NONNEGATIVE,
+        "shift": _int_from(0),
+        "n_train": SIZE,
+        "n_test": SIZE,
+    }
 
     size: int = 16
     channels: int = 1
@@ -536,11 +669,8 @@ class SyntheticImagesDataConfig(DataConfig):
     n_test: int = 2048
 
     def validate(self) -> None:
-        self._positive("size", "channels", "n_train", "n_test")
-        _at_least(self.classes, "data.classes", 2)
-        if self.noise < 0:
-            raise ConfigError(f"data.noise={self.noise}: must be >= 0")
-        if not 0 <= self.shift < self.size:
+        super().validate()
+        if not self.shift < self.size:
             raise ConfigError(f"data.shift={self.shift}: must be in 0..{self.size - 1}")
 
 
@@ -552,15 +682,11 @@ class AddingDataConfig(DataConfig):
     Var(U1 + U2) = 1/6: logged as loss/baseline."""
 
     kind = "sequence"
+    ranges = {"length": _int_from(2, "one marker per half"), "n_train": SIZE, "n_test": SIZE}
 
     length: int = 100  # T, time steps
     n_train: int = 10000
     n_test: int = 2000
-
-    def validate(self) -> None:
-        self._positive("n_train", "n_test")
-        if self.length < 2:
-            raise ConfigError(f"data.length={self.length}: need at least 2 (one marker per half)")
 
 
 @dataclass
@@ -569,16 +695,19 @@ class CopyDataConfig(DataConfig):
     then the model outputs the symbols in order (cross-entropy and accuracy per symbol)."""
 
     kind = "sequence"
+    ranges = {
+        "symbols": _int_from(2),
+        "length": SIZE,
+        "delay": SIZE,
+        "n_train": SIZE,
+        "n_test": SIZE,
+    }
 
     symbols: int = 8  # vocabulary
     length: int = 5  # symbols to remember
     delay: int = 50  # blank steps between the symbols and the go marker
     n_train: int = 10000
     n_test: int = 2000
-
-    def validate(self) -> None:
-        self._positive("length", "delay", "n_train", "n_test")
-        _at_least(self.symbols, "data.symbols", 2)
 
 
 # --- trainer ---------------------------------------------------------------------
@@ -588,6 +717,18 @@ PROGRESS_MODES = ("auto", "rich", "plain", "off")
 @dataclass
 class TrainerConfig(Schema):
     group: ClassVar[str] = "trainer"
+    ranges = {
+        "steps": Range(0, 10**9, low_open=True, integer=True),
+        "batch_size": SIZE,
+        "log_every": SIZE,
+        "hist_every": SIZE,
+        "eval_every": SIZE,
+        "tbptt": _int_from(0, "0: full BPTT"),
+        "time_samples": _int_from(0, "0: all"),
+        "threads": _int_from(0, "0 keeps torch's default"),
+        "figure_every": _int_from(0, "0: end only"),
+        "checkpoint_every": _int_from(0, "0: on a stop and at the end only"),
+    }
 
     steps: int = 1000
     batch_size: int = 128
@@ -611,26 +752,12 @@ class TrainerConfig(Schema):
     resume: bool = False  # continue the run in this run dir from its checkpoint.pt
 
     def validate(self) -> None:
-        self._positive("steps", "batch_size", "log_every", "hist_every", "eval_every")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"trainer.checkpoint_every={self.checkpoint_every}: must be >= 0")
-        if self.figure_every < 0:
-            raise ConfigError(
-                f"trainer.figure_every={self.figure_every}: must be >= 0 (0: end only)"
-            )
-        if self.threads < 0:
-            raise ConfigError(
-                f"trainer.threads={self.threads}: must be >= 0 (0 keeps torch's default)"
-            )
+        super().validate()
         _choice(self.progress, "trainer.progress", PROGRESS_MODES)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"trainer.device={self.device}: unknown; choose from auto, cpu, cuda, cuda:N"
             )
-        if self.tbptt < 0:
-            raise ConfigError(f"trainer.tbptt={self.tbptt}: must be >= 0 (0: full BPTT)")
-        if self.time_samples < 0:
-            raise ConfigError(f"trainer.time_samples={self.time_samples}: must be >= 0 (0: all)")
 
 
 @dataclass
@@ -638,6 +765,14 @@ class DiagnoseConfig(Schema):
     """The thresholds of the run's verdicts (see gradexp.verdicts), and optional probes."""
 
     group: ClassVar[str] = "diagnose"
+    ranges = {
+        "vanishing_ratio": POSITIVE,
+        "exploding_ratio": POSITIVE,
+        "grad_bound": POSITIVE,
+        "saturated_frac": Range(0, 1, low_open=True),
+        "dead_frac": Range(0, 1, low_open=True),
+        "sustain": SIZE,
+    }
 
     vanishing_ratio: float = 1e-2  # first layer's (time step's) backward signal / last's below
     exploding_ratio: float = 1e2  # ... above this
@@ -648,10 +783,7 @@ class DiagnoseConfig(Schema):
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
     def validate(self) -> None:
-        self._positive("vanishing_ratio", "exploding_ratio", "grad_bound", "sustain")
-        for key in ("saturated_frac", "dead_frac"):
-            if not 0 < getattr(self, key) <= 1:
-                raise ConfigError(f"diagnose.{key}={getattr(self, key)}: must be in (0, 1]")
+        super().validate()
         if self.vanishing_ratio >= 1 or self.exploding_ratio <= 1:
             raise ConfigError(
                 f"diagnose.vanishing_ratio={self.vanishing_ratio}, exploding_ratio="
@@ -668,6 +800,7 @@ class ObjectiveConfig(Schema):
     """The number a run returns to a sweeper that optimizes (hydra/sweeper=optuna)."""
 
     group: ClassVar[str] = "objective"
+    ranges = {"penalty": FINITE}  # when given
 
     metric: str = "loss/test"  # one of OBJECTIVE_METRICS, its final value
     # Returned by a run that diverged, failed or ended non-finite. None: 1e6 for a
@@ -675,11 +808,14 @@ class ObjectiveConfig(Schema):
     penalty: float | None = None
 
     def validate(self) -> None:
+        super().validate()
         _choice(self.metric, "objective.metric", OBJECTIVE_METRICS)
 
 
 @dataclass
 class Config:
+    ranges: ClassVar[dict[str, Range]] = {"seed": SEED}  # the top level's own key
+
     model: Any = MISSING
     activation: Any = MISSING
     init: Any = MISSING
@@ -778,6 +914,7 @@ def validate(cfg: Config) -> None:
     """Check the values a schema cannot express; raise ConfigError naming the bad one.
 
     Each group checks its own values; what depends on two groups is checked here."""
+    check_ranges(cfg)
     groups = (cfg.trainer, cfg.diagnose, cfg.objective, cfg.optim, cfg.model, cfg.clip)
     for node in (*groups, cfg.norm, cfg.init, cfg.activation, cfg.data):
         node.validate()

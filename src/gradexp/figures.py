@@ -8,6 +8,7 @@ into, no GUI backend, safe in worker threads and processes.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -315,10 +316,14 @@ def save_png(fig: Figure, path: Path) -> np.ndarray:
     import numpy as np
     from PIL import Image
 
+    from gradexp.rundir import write_bytes_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = _render(fig)
-    Image.fromarray(pixels).save(path, format="png")
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="png")
+    write_bytes_atomic(path, png.getbuffer())  # a reader never sees half a PNG
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import itertools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import NoReturn
@@ -19,12 +20,13 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gradexp.config import ALIASES, EXECUTION_KEYS, SCHEMAS, Config, resolve_alias, to_config
-from gradexp.errors import ConfigError
+from gradexp.errors import ConfigError, shorten
+from gradexp.rundir import check_free
 
 MAX_JOBS = 512  # compose at most this many jobs of a sweep up front
 
@@ -54,7 +56,26 @@ def _describe(ex: Exception, overrides: list[str]) -> str:
         )
         prefix = f"{key}={value}" if value is not None else key or _first_line(str(ex))
         return f"{prefix}: {_first_line(str(cause))}"
-    return _first_line(str(ex)).replace("\n", " ")
+    return _override_error(str(ex)).replace("\n", " ")
+
+
+LEXER_ERRORS = ("LexerNoViableAltException", "token recognition error")
+
+
+def _override_error(text: str, override: str | None = None) -> str:
+    """Hydra's override parse error in one line; for a value its grammar cannot read
+    unquoted (a non-ASCII path, a space), how to quote it. ``override``: the one that
+    failed, when Hydra's message does not name it."""
+    line = _first_line(text)
+    kind, _, named = line.partition(": ")
+    override = override or named
+    if line.startswith(LEXER_ERRORS) and "=" in override:
+        key, _, value = override.partition("=")
+        return (
+            f"{override}: Hydra cannot read this value unquoted; quote it for Hydra inside"
+            f" the shell's quotes: '{key}=\"{value}\"'"
+        )
+    return line
 
 
 def _group_of(full_key: str) -> str:
@@ -132,7 +153,7 @@ def job_overrides(args: list[str]) -> tuple[list[list[str]], bool]:
     try:
         overrides = OverridesParser.create().parse_overrides(task)
     except HydraException as e:
-        raise ConfigError(_first_line(str(e))) from e
+        raise ConfigError(_override_error(str(e))) from e
     if not parsed.multirun:
         return [task], False
     axes: list[list[str]] = []
@@ -203,7 +224,10 @@ def _given(args: list[str], key: str) -> list[str]:
     values = []
     for arg in parse_args(args).overrides:
         if arg.split("=", 1)[0].lstrip("+") == key:
-            values.append(str(parser.parse_override(arg).value()))
+            try:
+                values.append(str(parser.parse_override(arg).value()))
+            except HydraException as e:
+                raise ConfigError(_override_error(str(e), arg)) from None
     return values
 
 
@@ -238,19 +262,76 @@ def launcher_args(args: list[str]) -> list[str]:
     return [f"hydra.launcher.n_jobs={min(len(jobs), workers)}"]
 
 
+# Less free space than this where the runs go: refused before anything is written (a run
+# that fills the disk later stops cleanly, see gradexp.rundir).
+MIN_FREE_BYTES = 1 << 20
+
+
 def check_output_root(args: list[str], multirun: bool) -> None:
-    """Fail early when the run directory cannot be created (Hydra would print a traceback)."""
+    """Fail early when the run directory cannot be created (Hydra would print a traceback),
+    or its filesystem has no room left."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = _given(args, key)
     # Interpolations (${now:...}) resolve later: check the static part of the path.
     target = Path((given[-1] if given else "outputs").split("${")[0] or ".").absolute()
+    created = next((d for d in reversed([target, *target.parents]) if not d.exists()), None)
+    try:
+        _check_output_root(key, target, args)
+    except ConfigError:
+        if created is not None:  # refused: leave no empty directory behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _check_output_root(key: str, target: Path, args: list[str]) -> None:
     try:
         target.mkdir(parents=True, exist_ok=True)
         # A fresh, unique name: never clobbers (and then deletes) a file of the user's.
         with tempfile.NamedTemporaryFile(dir=target, prefix=".gradexp-write-test-"):
             pass
+        free = shutil.disk_usage(target).free
+        name_max = os.pathconf(target, "PC_NAME_MAX")
     except OSError as e:
-        raise ConfigError(f"{key}={target}: cannot be written ({e.strerror})") from None
+        raise ConfigError(
+            f"{key}={shorten(str(target))}: cannot be written ({e.strerror})"
+        ) from None
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(
+            f"{key}={target}: only {free // 1024} KiB free on its filesystem; a run needs at"
+            f" least {MIN_FREE_BYTES >> 20} MiB: free some space or choose another {key}"
+        )
+    for name in _given(args, "hydra.job.name"):  # the run's log file: <name>.log
+        if len(f"{name}.log".encode()) > name_max:
+            raise ConfigError(
+                f"hydra.job.name={shorten(name)}: too long for a file name (its log file"
+                f" {name[:8]}....log would exceed {name_max} bytes)"
+            )
+
+
+def check_run_dirs(args: list[str], multirun: bool, resume: bool) -> None:
+    """A run dir belongs to one run. A single run named by hydra.run.dir takes its lock now,
+    before Hydra writes its .hydra/ files, and holds it until the process ends (refused
+    when another process holds it, or when the dir holds a run and this is no resume).
+    A sweep named by hydra.sweep.dir must not land on another sweep's jobs: Hydra would
+    rewrite their .hydra/ files before any job could refuse."""
+    from gradexp.rundir import claim, holds_run
+
+    if not multirun:
+        given = _given(args, "hydra.run.dir")
+        if given and "${" not in given[-1]:
+            claim(Path(given[-1]), resume)
+        return
+    given = _given(args, "hydra.sweep.dir")
+    if not given or "${" in given[-1] or not Path(given[-1]).is_dir():
+        return
+    root = Path(given[-1])
+    runs = [d for d in sorted(root.iterdir()) if d.is_dir() and holds_run(d)]
+    if runs:
+        raise ConfigError(
+            f"hydra.sweep.dir={root} already holds {len(runs)} job(s) of a sweep"
+            f" ({runs[0].name}, ...): continue one with `gradexp resume {runs[0]}`, or choose"
+            " another hydra.sweep.dir"
+        )
 
 
 def _check_names(cfg: Config, config_dir: str) -> None:
@@ -278,6 +359,17 @@ def _compose(config_name: str, overrides: list[str], with_hydra: bool = False) -
         return compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_describe(e, overrides)) from e
+    except OverflowError as e:  # an integer of hundreds of digits for a float key
+        raise ConfigError(_overflow(overrides)) from e
+
+
+def _overflow(overrides: list[str]) -> str:
+    """The override whose number no float can hold, named in one line."""
+    for override in reversed(overrides):
+        value = override.partition("=")[2].strip().lstrip("+-")
+        if value.isdigit() and len(value) > 308:
+            return f"{shorten(override)}: too large for a float (at most about 1.8e308)"
+    return "a number in the overrides is too large for a float (at most about 1.8e308)"
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:
@@ -320,6 +412,8 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
     check_plugins(args)
     jobs, multirun = job_overrides(args)
     parsed = parse_args(args)
+    if not multirun and (given := _given(args, "hydra.run.dir")):
+        check_free(Path(given[-1]))  # a run in it now: say so first (resume reads its files)
     hydra_overrides, task = _split_overrides(args)
     if not multirun:
         typed = [_check_job(args, without_hydra(compose_run(args, config_dir)), config_dir, False)]
@@ -334,7 +428,48 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
     # After composing: a bad config leaves no empty run or sweep directory behind.
     # --cfg and --info only print, and write nothing.
     if not (parsed.cfg or parsed.info):
+        if runs_here(args):
+            check_memory(typed)
         check_output_root(args, multirun)
+        check_run_dirs(args, multirun, any(t.trainer.resume for t in typed))
+
+
+# The launchers whose jobs run on this machine: their memory is this machine's.
+LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
+
+
+def runs_here(args: list[str]) -> bool:
+    """Whether the command's jobs run on this machine (not on SLURM's or Ray's nodes)."""
+    chosen = [
+        o.partition("=")[2] for o in parse_args(args).overrides if o.startswith("hydra/launcher=")
+    ]
+    return not chosen or chosen[-1] in LOCAL_LAUNCHERS
+
+
+def check_memory(typed: list[Config]) -> None:
+    """A job that needs more memory than this machine has free: refused before any job
+    starts, in the line the job itself would fail with (gradexp.resources)."""
+    from gradexp.config import flat
+    from gradexp.device import resolve_device
+    from gradexp.errors import RunError
+    from gradexp.resources import check_memory as check
+
+    seen = set()
+    for cfg in typed:
+        key = tuple(  # what the estimate reads: a sweep over seeds or lr checks once
+            (k, str(v))
+            for k, v in flat(cfg).items()
+            if k.startswith(("model.", "data.", "optim."))
+            and not k.endswith(("seed", "lr"))
+            or k in ("trainer.batch_size", "trainer.device")
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check(cfg, resolve_device(cfg.trainer.device))
+        except RunError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _preflight_sweep(
@@ -360,7 +495,11 @@ def _preflight_sweep(
         except (HydraException, OmegaConfBaseException) as e:
             message = _describe(e, base)
             failing = getattr(e.__cause__, "full_key", None) or ""
-            if swept and not str(failing).startswith("hydra."):
+            hydra_group = isinstance(e, MissingConfigException) and str(
+                e.missing_cfg_file
+            ).startswith("hydra/")  # hydra/launcher=foo: nothing to do with the sweep
+            unreadable = isinstance(e, OverrideParseException)
+            if swept and not str(failing).startswith("hydra.") and not (hydra_group or unreadable):
                 # every job composes: only the sweep's base config does not
                 message += (
                     f" (a sweep's config is composed first without its swept values,"

@@ -14,10 +14,11 @@ import math
 import os
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -28,7 +29,10 @@ from gradexp import figures
 from gradexp.config import EXECUTION_KEYS
 from gradexp.display import VERDICT_STYLE, _fmt
 from gradexp.record import ratio
-from gradexp.rundir import SUMMARY_FILE
+from gradexp.rundir import FIGURE_FILE, SUMMARY_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 EVENTS_PREFIX = "events.out.tfevents."
@@ -76,6 +80,17 @@ STATUS_STYLE = {
 # The --png grid: panels per row, inches per panel, the legend strip under the panels.
 PANELS_PER_ROW = 4
 PANEL_WIDTH, PANEL_HEIGHT, LEGEND_HEIGHT, DPI = 4.0, 3.5, 0.5, 100
+# Runs drawn a panel each at most (6 rows: 1600 x 2150 px). A panel costs ~0.1 s of
+# matplotlib layout and text, and the pixels grow with the panels: 200 runs took 20-50 s
+# and ~550 MB for a 1600 x 17550 px grid. More runs get one summary figure instead.
+MAX_PANELS = 24
+# The summary figure, inches, whatever the number of runs: 2 x 2 panels (quantity x
+# step), a line per run in each.
+SUMMARY_SIZE = (12.0, 9.0)
+# Values of the summary's colour key named in a legend at most; more get a colour bar,
+# with at most MAX_COLORBAR_LABELS of them labelled.
+MAX_LEGEND_VALUES = 10
+MAX_COLORBAR_LABELS = 12
 TITLE_CHARS = 48
 # Line style per quantity, color per step (viridis ends, as in the per-run figure).
 FLOW_LINES = (("signal_bwd", "-", "backward signal"), ("grad_norm", "--", "‖∂L/∂W‖"))
@@ -508,6 +523,182 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
     figures.save_png(fig, path)
 
 
+def color_key(keys: Sequence[str], sort: str | None = None) -> str | None:
+    """The override key the --png summary colours its lines by: the --sort key when it is
+    one of the varying keys, else the first of them; None (colour by status) when none."""
+    if sort in keys:
+        return sort
+    return keys[0] if keys else None
+
+
+def _color_value(row: RunRow, key: str | None) -> str | None:
+    return row.status if key is None else row.overrides.get(key)
+
+
+def _value_order(value: str | None) -> tuple[int, tuple[int, float, str]]:
+    # As the table sorts: numbers by value, then text, missing last.
+    return (1, (0, 0.0, "")) if value is None else (0, _sort_key(value))
+
+
+def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
+    """Every run's gradient flow in one figure of a fixed size: the --png of a large tree.
+
+    Four panels: the backward signal and the parameter-gradient norm (rows) at step 0 and
+    at the last logged step (columns), each with one line per run (summary.json's
+    ``layers``), log y. x is the layer index when every run has the same layers, else
+    the relative depth (first layer 0, head 1), so runs of different depths end
+    together. Lines are coloured by the run's value of ``color_by``: a legend for up to
+    MAX_LEGEND_VALUES values, a colour bar beyond. Each line's gid is its run's name.
+    Runs without layers (failed, killed) are counted in the title, by status.
+
+    Args:
+        rows: the runs, drawn in this order (later ones on top).
+        color_by: the override key to colour by (see color_key); None colours by status.
+
+    Returns:
+        A matplotlib Figure on an Agg canvas, SUMMARY_SIZE inches at DPI.
+
+    Raises:
+        ImportError: matplotlib is missing or broken.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    drawn = []
+    for row in rows:
+        layers = _field(row.summary, "layers")
+        if isinstance(layers, list) and layers:
+            drawn.append((row, layers))
+    names = [[str(_field(layer, "name") or i) for i, layer in enumerate(ls)] for _, ls in drawn]
+    same_layers = len({tuple(n) for n in names}) <= 1
+
+    values = sorted({_color_value(row, color_by) for row, _ in drawn}, key=_value_order)
+    if len(values) <= MAX_LEGEND_VALUES:
+        palette = colormaps["tab10"].colors
+        colors = {v: palette[i] for i, v in enumerate(values)}
+    else:
+        viridis = colormaps["viridis"]
+        top = len(values) - 1
+        colors = {v: viridis(figures.CMAP_TOP * i / top) for i, v in enumerate(values)}
+    # Many lines: fainter, so that where they pile up reads darker.
+    alpha = min(0.9, max(0.25, 8 / math.sqrt(max(len(drawn), 1))))
+
+    fig = Figure(figsize=SUMMARY_SIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(len(FLOW_LINES), len(FLOW_STEPS), squeeze=False)
+    titles = {key: title for key, title, _ in figures.PANELS}
+    for r, (quantity, _, _) in enumerate(FLOW_LINES):
+        for c, (when, _, step_label) in enumerate(FLOW_STEPS):
+            ax = grid[r][c]
+            for row, layers in drawn:
+                n = len(layers)
+                x = range(n) if same_layers else [i / (n - 1) if n > 1 else 1.0 for i in range(n)]
+                ys = [_number(_field(layer, quantity, when)) for layer in layers]
+                ax.plot(
+                    x,
+                    figures._positive(ys),
+                    color=colors[_color_value(row, color_by)],
+                    lw=0.9,
+                    alpha=alpha,
+                    marker="o" if n == 1 else None,
+                    ms=3,
+                    gid=row.name,
+                )
+            ax.set_title(f"{titles[quantity]}, {step_label}", fontsize=10)
+            if drawn and same_layers:
+                figures._layer_ticks(ax, names[0])
+            else:
+                ax.set_xlim(-0.02, 1.02)
+                ax.set_xlabel("relative depth (first layer 0 → head 1)")
+            if r < len(FLOW_LINES) - 1:
+                ax.tick_params(axis="x", labelbottom=False)
+                ax.set_xlabel("")
+            figures._finish_log_axis(ax)
+            ax.grid(True, which="major", alpha=0.3)
+        # One y range a row: the same quantity at step 0 and at the last step compare.
+        logs = [ax for ax in grid[r] if ax.get_yscale() == "log"]
+        if len(logs) > 1:
+            lo = min(ax.get_ylim()[0] for ax in logs)
+            hi = max(ax.get_ylim()[1] for ax in logs)
+            for ax in logs:
+                ax.set_ylim(lo, hi)
+
+    def label(value: str | None) -> str:
+        shown = "-" if value is None else value
+        return shown if color_by is None else f"{color_by}={shown}"
+
+    if len(values) <= MAX_LEGEND_VALUES:
+        handles = [Line2D([], [], color=colors[v], lw=2, label=label(v)) for v in values]
+        if handles:
+            fig.legend(
+                handles=handles,
+                loc="outside lower center",
+                ncols=min(len(handles), 5),
+                fontsize=9,
+            )
+    else:
+        cmap = ListedColormap([colors[v] for v in values])
+        norm = BoundaryNorm(range(len(values) + 1), len(values))
+        bar = fig.colorbar(ScalarMappable(norm, cmap), ax=grid.ravel().tolist(), aspect=40)
+        stride = math.ceil(len(values) / MAX_COLORBAR_LABELS)
+        shown = list(range(0, len(values), stride))
+        if shown[-1] != len(values) - 1:  # the last value always labelled, as the head is
+            if len(values) - 1 - shown[-1] < stride / 2:
+                shown.pop()
+            shown.append(len(values) - 1)
+        labels = ["-" if values[i] is None else values[i] for i in shown]
+        bar.set_ticks([i + 0.5 for i in shown], labels=labels)
+        bar.minorticks_off()
+        bar.ax.tick_params(labelsize=8)
+        bar.set_label("status" if color_by is None else color_by)
+
+    by = "status" if color_by is None else color_by
+    title = f"{len(rows)} runs: one line per run, coloured by {by}"
+    if not same_layers:
+        depths = [len(ls) for _, ls in drawn]
+        title += f" (depths {min(depths)} to {max(depths)} layers)"
+    with_layers = {id(row) for row, _ in drawn}
+    missing = [row.status for row in rows if id(row) not in with_layers]
+    if missing:
+        counts = ", ".join(f"{n} {s}" for s, n in Counter(missing).items())
+        title += f"\n{len(missing)} not drawn, no per-layer data: {counts}"
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def flow_png(
+    rows: Sequence[RunRow], keys: Sequence[str], path: Path, sort: str | None = None
+) -> str | None:
+    """``--png``: the grid (flow_grid_png) for up to MAX_PANELS runs, else the summary.
+
+    Args:
+        rows: the runs, in the table's order.
+        keys: the varying override keys (see varying).
+        path: the PNG to write; parent directories are made.
+        sort: the --sort key, if any: the summary colours by it when it is in ``keys``.
+
+    Returns:
+        None for the grid; for the summary, the line to tell the user what was drawn.
+
+    Raises:
+        ImportError: matplotlib is missing or broken.
+    """
+    if len(rows) <= MAX_PANELS:
+        flow_grid_png(rows, keys, path)
+        return None
+    by = color_key(keys, sort)
+    figures.save_png(flow_summary_figure(rows, by), path)
+    how = "status" if by is None else f"{by} (--sort KEY colours by another override)"
+    return (
+        f"{path}: {len(rows)} runs, more than {MAX_PANELS}: one summary figure, a line per run"
+        f" coloured by {how}; each run's own figure is its {FIGURE_FILE}"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradexp report",
@@ -542,7 +733,12 @@ def _parser() -> argparse.ArgumentParser:
         "--png",
         type=Path,
         metavar="FILE",
-        help="also draw every run's gradient flow, one panel per run (needs matplotlib)",
+        help="also draw every run's gradient flow (needs matplotlib): up to"
+        f" {MAX_PANELS} runs, one panel each, {PANELS_PER_ROW} to a row; more runs, one"
+        f" {SUMMARY_SIZE[0] * DPI:.0f} x {SUMMARY_SIZE[1] * DPI:.0f} px summary instead,"
+        " whatever their number: a line per run in each panel, coloured by the --sort key"
+        " when it is an override that differs, else by the first such override (a line"
+        " after the table says which)",
     )
     return parser
 
@@ -597,8 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Found is not enough: a broken install is found and fails to import.
         missing = figures.missing_dependency()
         try:
-            if not missing:
-                flow_grid_png(rows, varying(rows), args.png)
+            if not missing and (told := flow_png(rows, varying(rows), args.png, args.sort)):
+                print(told)
         except ImportError:
             missing = figures.MISSING
         except OSError as e:

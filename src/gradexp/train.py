@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from gradexp.config import Amp, Config, OnNonfinite, flat
 from gradexp.data import Dataset, load_data
 from gradexp.device import check_writable, resolve_device
 from gradexp.display import ProgressReporter, print_summary, status_line
+from gradexp.errors import RunError
 from gradexp.guard import Decision, FiniteGuard
 from gradexp.init import init_weights, weights_and_biases
 from gradexp.metrics import (
@@ -56,10 +58,14 @@ from gradexp.probes import (
     to_host,
 )
 from gradexp.record import History, StepRecord
+from gradexp.resources import check_memory
 from gradexp.rundir import (
     CHECKPOINT_FILE,
     FIGURE_FILE,
     SUMMARY_FILE,
+    disk_full,
+    disk_full_error,
+    minimal_summary,
     summary_text,
     write_text_atomic,
 )
@@ -71,6 +77,53 @@ OPTION_GROUPS = ("model", "data", "activation", "init", "norm", "clip", "optim")
 log = logging.getLogger(__name__)
 # The run's own log file (train.log) only: the terminal already shows the table and status.
 file_log = logging.getLogger("gradexp.runlog")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: the host's (MemoryError, torch's CPU allocator) or the
+    GPU's (torch.OutOfMemoryError)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "not enough memory" in text or "can't allocate memory" in text
+    )
+
+
+def as_run_error(exc: BaseException, run_dir: Path, what: str) -> RunError | None:
+    """A failure the machine caused (a full disk, too little memory), as the one line the
+    run ends with; None for anything else (a bug: it keeps its traceback)."""
+    if isinstance(exc, RunError):
+        return exc
+    if disk_full(exc):
+        return disk_full_error(run_dir, what)
+    if out_of_memory(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return RunError(
+            f"out of memory {what} ({first}); choose a smaller model.width/depth,"
+            " trainer.batch_size or task"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def quiet_writer_threads() -> Any:
+    """TensorBoard writes from a thread of its own: when the disk fills, that thread's
+    error reaches the run through the next write (one line, see as_run_error) and its
+    traceback is kept out of the terminal (train.log has it)."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if disk_full(args.exc_value):
+            file_log.warning("TensorBoard's writer: %s", args.exc_value)
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class NonFiniteError(RuntimeError):
@@ -138,6 +191,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.data = load_data(cfg.data, device)
+        check_memory(cfg, device, self.data.spec)  # before the model takes it
         self.model = create_model(cfg, self.data.spec).to(device)
         self.notes = init_weights(self.model, cfg.init, cfg.activation)
         self.layers = layers = LayerMap.of(self.model)
@@ -223,28 +277,41 @@ class Trainer:
         self.stopper = StopOnSignal().__enter__()
         self.sweep_stop = sweep_stop_file()  # a sweep's driver stops its jobs through it
         consistent = True
-        try:
-            if not self.resumed:
-                self.theory = initial_theory(self.cfg, self.data, self.logger)
-                self.jacobian = initial_jacobian(self.cfg, self.model, self.data, self.logger)
-            self.loop()
-            self.loop_time = time.perf_counter() - self.start  # not the folding after it
-            self.fold = self.fold_batchnorm()
-        except KeyboardInterrupt:  # a second Ctrl-C: mid-step, nothing consistent to save
-            self.status, consistent = "interrupted", False
-        except Exception as e:
-            self.status, self.error, consistent = "failed", f"{type(e).__name__}: {e}", False
-            raise
-        except BaseException:  # SystemExit mid-step (a launcher's signal handler): not whole
-            self.status, consistent = "interrupted", False
-            raise
-        finally:
-            self.stopper.__exit__()
-            self.progress.close()
-            if consistent:
-                self.save()
-            result = self.summary()
-            self.finish(result)
+        with quiet_writer_threads():
+            try:
+                if not self.resumed:
+                    self.theory = initial_theory(self.cfg, self.data, self.logger)
+                    self.jacobian = initial_jacobian(self.cfg, self.model, self.data, self.logger)
+                self.loop()
+                self.loop_time = time.perf_counter() - self.start  # not the folding after it
+                self.fold = self.fold_batchnorm()
+            except KeyboardInterrupt:  # a second Ctrl-C: mid-step, nothing consistent to save
+                self.status, consistent = "interrupted", False
+            except Exception as e:
+                self.status, consistent = "failed", False
+                error = as_run_error(e, self.output_dir, f"at step {self.step}")
+                self.error = str(error) if error else f"{type(e).__name__}: {e}"
+                if error is None:
+                    raise
+                # A full disk or too little memory: one line, and the last checkpoint kept.
+                raise error from e
+            except BaseException:  # SystemExit mid-step (a launcher's signal handler): not whole
+                self.status, consistent = "interrupted", False
+                raise
+            finally:
+                self.stopper.__exit__()
+                self.progress.close()
+                try:
+                    if consistent:
+                        self.save()
+                except Exception as e:
+                    if (error := as_run_error(e, self.output_dir, "writing checkpoint.pt")) is None:
+                        raise
+                    self.status, self.error = "failed", str(error)
+                result = self.summary()
+                self.finish(result)
+        if self.status == "failed":  # the checkpoint or summary at the end ran out of space
+            raise RunError(self.error or "failed")
         if self.status == "diverged" and t.on_nonfinite == OnNonfinite["raise"]:
             nf = result["nonfinite"]
             raise NonFiniteError(
@@ -511,7 +578,23 @@ class Trainer:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Write hparams, verdicts, the figure and summary.json, close TensorBoard: on
-        every way out of a run."""
+        every way out of a run. A full disk on the way fails the run (``result`` says so)
+        but not its summary: the last checkpoint is kept and the run can be resumed."""
+        try:
+            self.write_views(result)
+        except Exception as e:
+            if (
+                error := as_run_error(e, self.output_dir, "writing the TensorBoard events")
+            ) is None:
+                raise
+            if result["status"] != "failed":
+                self.status, self.error = "failed", str(error)
+                result.update(status="failed", error=str(error))
+        finally:
+            self.write_summary(result)
+
+    def write_views(self, result: dict[str, Any]) -> None:
+        """hparams, verdicts and the figure to TensorBoard (and the figure's PNG)."""
         text = summary_text(result)
         try:
             hparams = {**hparams_of(self.cfg), "status": result["status"]}
@@ -526,10 +609,27 @@ class Trainer:
                     image = figures.save_png(fig, self.output_dir / FIGURE_FILE)
                     self.logger.image("flow/gradient_flow", image, result["steps"])
             except Exception as e:  # the figure is a view of the run, never worth losing it
+                if disk_full(e):
+                    raise
                 log.warning("the gradient-flow figure failed: %s: %s", type(e).__name__, e)
-            self.logger.close()
         finally:
-            write_text_atomic(self.output_dir / SUMMARY_FILE, text)
+            self.logger.close()
+
+    def write_summary(self, result: dict[str, Any]) -> None:
+        """summary.json, whole; on a full disk, the few bytes that say what happened."""
+        path = self.output_dir / SUMMARY_FILE
+        try:
+            write_text_atomic(path, summary_text(result))
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            error = str(disk_full_error(self.output_dir, f"writing {SUMMARY_FILE}"))
+            self.status, self.error = "failed", error
+            short = {**minimal_summary("failed", error), "steps": result["steps"]}
+            try:
+                write_text_atomic(path, summary_text(short))
+            except OSError:
+                log.warning("%s: not written (%s)", path, error)
 
 
 def run(
@@ -541,7 +641,13 @@ def run(
 ) -> dict[str, Any]:
     """Train ``cfg`` and write its TensorBoard run and summary.json into ``output_dir``;
     return the summary (see Trainer)."""
-    return Trainer(cfg, output_dir, logger, console, probes).train()
+    try:
+        trainer = Trainer(cfg, output_dir, logger, console, probes)
+    except Exception as e:
+        if (error := as_run_error(e, Path(output_dir), "while building the run")) is None:
+            raise
+        raise error from e
+    return trainer.train()
 
 
 def initial_theory(cfg: Config, data: Dataset, logger: MetricLogger) -> dict[str, Any] | None:
