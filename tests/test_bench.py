@@ -36,3 +36,15 @@ def test_probe_cost_benchmark_lists_every_probe(tmp_path: Path):
     out = bench("--probes")
     for probe in ("task", "signal", "weight", "activation_health", "the loop itself"):
         assert f"{probe}:" in out, out
+
+
+@pytest.mark.slow
+def test_report_png_benchmark_reports_time_memory_and_size(tmp_path: Path):
+    script = REPO_ROOT / "scripts" / "bench_report_png.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--runs", "30", "--repeats", "1"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wall" in proc.stdout and "peak RSS" in proc.stdout, proc.stdout
+    assert "flow.png 1200x900" in proc.stdout, proc.stdout  # 30 runs: the one summary figure

@@ -354,7 +354,7 @@ def test_a_value_out_of_range_fails_in_one_line_before_any_run(
 def complete(line: str, cwd: Path) -> list[str]:
     """What bash completes at the end of ``line``, through gradexp's installed script."""
     script = f"""
-eval "$({" ".join(gradexp_command())} -sc install=bash)"
+eval "$({" ".join(gradexp_command())} train -sc install=bash)"
 COMP_LINE={line!r}
 COMP_POINT=${{#COMP_LINE}}
 COMP_WORDS=($COMP_LINE)
