@@ -34,12 +34,12 @@ def table_commands(table: str) -> list[str]:
     return re.findall(pattern, readme, re.MULTILINE)
 
 
-def run(command: str, path: str, seed: int) -> dict:
+def run(command: str, path: str, seed: int, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if path != "native":
         env["ATEN_CPU_CAPABILITY"] = path
     with tempfile.TemporaryDirectory() as tmp:
-        args = [*command.split()[2:], f"seed={seed}", "trainer.progress=off"]
+        args = [*command.split()[2:], f"seed={seed}", "trainer.progress=off", *extra]
         proc = subprocess.run(
             [sys.executable, "-m", "gradexp", "train", *args, f"hydra.run.dir={tmp}/run"],
             env=env,
@@ -75,9 +75,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--paths", nargs="+", default=list(PATHS))
     parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--limit", type=int, help="only the table's first N commands")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to every command (a smoke test)"
+    )
     args = parser.parse_args()
     results = []
-    for command in table_commands(args.table):
+    for command in table_commands(args.table)[: args.limit]:
         print(command, flush=True)
         for path in args.paths:
             for seed in args.seeds:
@@ -85,7 +89,7 @@ def main() -> None:
                     "command": command,
                     "path": path,
                     "seed": seed,
-                    **run(command, path, seed),
+                    **run(command, path, seed, args.extra),
                 }
                 results.append(result)
                 shown = "  ".join(

@@ -3,6 +3,7 @@ measured by hand on a quiet machine, never asserted)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,18 @@ def test_report_png_benchmark_reports_time_memory_and_size(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wall" in proc.stdout and "peak RSS" in proc.stdout, proc.stdout
     assert "flow.png 1200x900" in proc.stdout, proc.stdout  # 30 runs: the one summary figure
+
+
+@pytest.mark.slow
+def test_kernel_paths_script_runs_a_table_under_each_path(tmp_path: Path):
+    script = REPO_ROOT / "scripts" / "kernel_paths.py"
+    out = tmp_path / "paths.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--table", "time", "--paths", "native", "default",
+         "--limit", "1", "--extra", "trainer.steps=3", "--json", str(out)],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["path"] for r in results] == ["native", "default"], results
+    assert all(r["loss/test"] > 0 and r["verdicts"] for r in results), results

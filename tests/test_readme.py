@@ -209,11 +209,15 @@ def test_tutorial_table_figures(
     assert kinds <= verdicts | {"dead_units", "saturated", "healthy"}, (command, kinds)
 
 
+# A test loss under this on the adding problem (baseline 1/6) solves it.
+SOLVED = 0.05
+
+
 def time_rows() -> list[tuple[str, float, float, set[str]]]:
     """(command, ||dL/dh_0|| / ||dL/dh_T|| at step 0, test loss, verdict kinds) from the
     through-time table."""
     rows = re.findall(
-        r"^\| [^|`]+ \| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+) \| ([a-z_, ]+) \|$",
+        r"^\| [^|`]+ \| `(gradexp train[^`]*)` \| ([\d.e-]+) \| ([\d.]+)[^|]* \| ([a-z_, ]+) \|$",
         README,
         re.MULTILINE,
     )
@@ -233,8 +237,10 @@ def test_gradient_through_time_table_figures(
     tmp_path: Path, command: str, ratio: float, loss: float, verdicts: set
 ):
     """Each row's step-0 gradient ratio between the first and last time step (within a
-    factor 3, an order of magnitude for the extreme ones), the final test loss and the
-    verdicts."""
+    factor 3, an order of magnitude for the extreme ones), the verdicts, and what the
+    loss says on every CPU kernel path: a gated cell solves the task (its loss, the same
+    on every path, within 0.03), a plain RNN does not (its loss, which moves with the
+    kernels, 0.144-0.184 measured, stays above 0.1)."""
     run_dir = tmp_path / "run"
     proc = run_cli([*command.split()[1:], f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
@@ -245,5 +251,8 @@ def test_gradient_through_time_table_figures(
     measured = norms[0] / norms[-1]
     tolerance = 3.0 if 1e-3 <= ratio <= 1e3 else 10.0
     assert ratio / tolerance <= measured <= ratio * tolerance, (command, measured)
-    assert summary["metrics"]["loss/test"] == pytest.approx(loss, abs=0.03), command
+    if loss < SOLVED:
+        assert summary["metrics"]["loss/test"] == pytest.approx(loss, abs=0.03), command
+    else:
+        assert summary["metrics"]["loss/test"] > 0.1, command
     assert {v["kind"] for v in summary["verdicts"]} == verdicts, command

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from gradexp import figures
 from gradexp.config import EXECUTION_KEYS
 from gradexp.display import VERDICT_STYLE, _fmt
 from gradexp.record import ratio
-from gradexp.rundir import FIGURE_FILE, SUMMARY_FILE
+from gradexp.rundir import FIGURE_FILE, SUMMARY_FILE, write_text_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -418,12 +419,13 @@ def write_csv(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> Non
     values empty. Makes parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            values = row_values(row)
-            writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for row in rows:
+        values = row_values(row)
+        writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
+    write_text_atomic(path, text.getvalue())  # a reader never sees half a table
 
 
 def markdown_table(rows: Sequence[RunRow], columns: Sequence[str]) -> str:
@@ -441,7 +443,7 @@ def write_markdown(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -
     """markdown_table written to a file, making parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown_table(rows, columns) + "\n")
+    write_text_atomic(path, markdown_table(rows, columns) + "\n")
 
 
 def panel_title(row: RunRow, keys: Sequence[str]) -> str:
