@@ -157,7 +157,7 @@ def _train_job(cfg: DictConfig) -> Any:
         if not multirun:
             fail(str(e))
         print(f"gradexp: job {hydra_cfg.job.num} not run: {e}", file=sys.stderr)
-        return objective_value(None, metric, penalty, maximize)
+        return objective_value_of(None)
     try:
         return _run_job(cfg, output_dir, multirun, optimizing, objective_value_of)
     finally:
