@@ -1,0 +1,236 @@
+"""The backend of the gradexp tab: JSON of the runs' own per-layer series.
+
+TensorBoard loads it as a dynamic plugin: it serves an ES module (``static/index.js``,
+shown in an iframe tab) and routes that read the runs' scalars through TensorBoard's
+data provider, so the tab shows what the Scalars tab would, from the same events:
+
+- ``/runs``: every run with per-layer series: its layers (input first), the per-layer
+  quantities it has, its recurrent layers with gradients through time, its verdicts.
+- ``/heatmap?run=R&quantity=Q``: the layer x step grid of one quantity, the values as
+  the event file holds them (null where a layer has no value at a step).
+- ``/time?run=R``: per recurrent layer, the time step x training step grid of
+  ||dL/dh_t||.
+
+An unknown run or quantity is a 4xx with a one-line JSON error, never a traceback.
+No torch here: TensorBoard imports this module in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import Request, Response
+
+PLUGIN_NAME = "gradexp"
+STATIC = Path(__file__).parent / "static"
+# Per-layer quantities the tab draws, first the default, with how to read them.
+QUANTITIES = {
+    "signal_bwd": "backward signal RMS(dL/dh)",
+    "grad_norm": "parameter gradient ||dL/dW||",
+    "signal_fwd": "forward signal RMS(h)",
+    "update_ratio": "update / weight ||dW||/||W||",
+    "dead_frac": "dead share of units",
+    "sat_frac": "saturated share of units",
+}
+# Per-layer tags: <quantity>/<NN>_<layer name>; through time: time_grad/<NN>_<layer>/t<k>.
+LAYER_TAG = re.compile(r"^(?P<quantity>[a-z_]+)/(?P<index>\d+)_(?P<layer>[^/]+)$")
+TIME_TAG = re.compile(r"^time_grad/(?P<index>\d+)_(?P<layer>[^/]+)/t(?P<t>\d+)$")
+# The verdicts table, as torch's add_text names its tag.
+VERDICTS_TAG = "run/verdicts/text_summary"
+# Every logged step: the tab is about step 0 and where the flow changed.
+MAX_STEPS = 100_000
+
+
+def _json(request: Request, body: Any, status: int = 200) -> Response:
+    # TensorBoard's own responder: its security headers (nosniff, CSP) on every reply.
+    return http_util.Respond(
+        request, json.dumps(body, allow_nan=False), "application/json", code=status
+    )
+
+
+def _error(request: Request, message: str, status: int) -> Response:
+    return _json(request, {"error": message}, status)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class GradexpPlugin(base_plugin.TBPlugin):
+    """The gradexp tab: which layer starves, and from when."""
+
+    plugin_name = PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext) -> None:
+        self._data = context.data_provider
+
+    def is_active(self) -> bool:
+        return False  # legacy; TensorBoard decides from data_plugin_names
+
+    def data_plugin_names(self) -> tuple[str, ...]:
+        return ("scalars", "text")  # active when the logdir has scalars
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="gradexp")
+
+    def get_plugin_apps(self) -> dict[str, Any]:
+        return {
+            "/index.js": self._index,
+            "/runs": self._runs,
+            "/heatmap": self._heatmap,
+            "/time": self._time,
+        }
+
+    # --- reading ---------------------------------------------------------------------
+    def _scalar_tags(self, request: Request, runs: list[str] | None = None) -> dict:
+        return self._data.list_scalars(
+            _ctx(request),
+            experiment_id=_experiment(request),
+            plugin_name="scalars",
+            run_tag_filter=provider.RunTagFilter(runs=runs) if runs else None,
+        )
+
+    def _read(self, request: Request, run: str, tags: list[str]) -> dict[str, list]:
+        data = self._data.read_scalars(
+            _ctx(request),
+            experiment_id=_experiment(request),
+            plugin_name="scalars",
+            downsample=MAX_STEPS,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags),
+        )
+        return data.get(run, {})
+
+    def _verdicts(self, request: Request, runs: list[str]) -> dict[str, str]:
+        """Each run's run/verdicts text (a Markdown table), its last version."""
+        data = self._data.read_tensors(
+            _ctx(request),
+            experiment_id=_experiment(request),
+            plugin_name="text",
+            downsample=1,
+            run_tag_filter=provider.RunTagFilter(runs=runs, tags=[VERDICTS_TAG]),
+        )
+        out = {}
+        for run, tags in data.items():
+            series = tags.get(VERDICTS_TAG) or []
+            if series:
+                value = series[-1].numpy
+                raw = value.item() if value.shape == () else value.flat[0]
+                out[run] = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return out
+
+    # --- routes ----------------------------------------------------------------------
+    @Request.application
+    def _index(self, request: Request) -> Response:
+        return Response((STATIC / "index.js").read_text(), content_type="application/javascript")
+
+    @Request.application
+    def _runs(self, request: Request) -> Response:
+        runs: dict[str, dict[str, Any]] = {}
+        for run, tags in self._scalar_tags(request).items():
+            layers: dict[int, str] = {}
+            quantities: set[str] = set()
+            time_layers: set[str] = set()
+            for tag in tags:
+                if m := TIME_TAG.match(tag):
+                    time_layers.add(f"{m['index']}_{m['layer']}")
+                elif (m := LAYER_TAG.match(tag)) and m["quantity"] in QUANTITIES:
+                    layers[int(m["index"])] = m["layer"]
+                    quantities.add(m["quantity"])
+            if not quantities:
+                continue  # not a gradexp run (or nothing per layer yet)
+            runs[run] = {
+                "layers": [layers[i] for i in sorted(layers)],
+                "quantities": [q for q in QUANTITIES if q in quantities],
+                "time_layers": sorted(time_layers),
+            }
+        verdicts = self._verdicts(request, list(runs)) if runs else {}
+        for run, info in runs.items():
+            info["verdicts"] = verdicts.get(run)
+        return _json(request, {"runs": runs, "quantities": QUANTITIES})
+
+    @Request.application
+    def _heatmap(self, request: Request) -> Response:
+        run, quantity = request.args.get("run"), request.args.get("quantity", "signal_bwd")
+        if not run:
+            return _error(request, "give a run: /heatmap?run=RUN&quantity=QUANTITY", 400)
+        if quantity not in QUANTITIES:
+            return _error(
+                request, f"quantity={quantity}: unknown; choose from {', '.join(QUANTITIES)}", 400
+            )
+        tags = self._scalar_tags(request, [run]).get(run)
+        if tags is None:
+            return _error(request, f"run {run!r}: no such run", 404)
+        by_index = {}
+        for tag in tags:
+            m = LAYER_TAG.match(tag)
+            if m and m["quantity"] == quantity:
+                by_index[int(m["index"])] = (tag, m["layer"])
+        if not by_index:
+            return _error(request, f"run {run!r} has no per-layer {quantity}", 404)
+        order = [by_index[i] for i in sorted(by_index)]
+        series = self._read(request, run, [tag for tag, _ in order])
+        steps = sorted({d.step for tag, _ in order for d in series.get(tag, [])})
+        column = {step: j for j, step in enumerate(steps)}
+        values = []
+        for tag, _ in order:
+            row: list[float | None] = [None] * len(steps)
+            for d in series.get(tag, []):
+                row[column[d.step]] = _finite(d.value)
+            values.append(row)
+        return _json(
+            request,
+            {
+                "run": run,
+                "quantity": quantity,
+                "layers": [name for _, name in order],
+                "steps": steps,
+                "values": values,  # values[layer][step], input layer first
+            },
+        )
+
+    @Request.application
+    def _time(self, request: Request) -> Response:
+        run = request.args.get("run")
+        if not run:
+            return _error(request, "give a run: /time?run=RUN", 400)
+        tags = self._scalar_tags(request, [run]).get(run)
+        if tags is None:
+            return _error(request, f"run {run!r}: no such run", 404)
+        by_layer: dict[str, dict[int, str]] = defaultdict(dict)
+        for tag in tags:
+            if m := TIME_TAG.match(tag):
+                by_layer[f"{m['index']}_{m['layer']}"][int(m["t"])] = tag
+        layers = {}
+        for layer, by_t in sorted(by_layer.items()):
+            ts = sorted(by_t)
+            series = self._read(request, run, [by_t[t] for t in ts])
+            steps = sorted({d.step for t in ts for d in series.get(by_t[t], [])})
+            column = {step: j for j, step in enumerate(steps)}
+            values = []
+            for t in ts:
+                row: list[float | None] = [None] * len(steps)
+                for d in series.get(by_t[t], []):
+                    row[column[d.step]] = _finite(d.value)
+                values.append(row)
+            layers[layer] = {"t": ts, "steps": steps, "values": values}  # values[t][step]
+        return _json(request, {"run": run, "layers": layers})
+
+
+def _ctx(request: Request) -> Any:
+    from tensorboard import plugin_util
+
+    return plugin_util.context(request.environ)
+
+
+def _experiment(request: Request) -> str:
+    from tensorboard import plugin_util
+
+    return plugin_util.experiment_id(request.environ)

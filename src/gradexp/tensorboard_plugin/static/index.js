@@ -1,0 +1,447 @@
+// The gradexp tab: which layer starves, and from when.
+//
+// TensorBoard loads this module in an iframe and calls render(). Everything is drawn
+// from the plugin's JSON routes (./runs, ./heatmap, ./time): a layer x step heatmap of
+// the chosen quantity per run (log colours, cividis: readable in print and for
+// colour-blind readers), the per-layer profile at a chosen step, gradients through time
+// for recurrent runs, and a sweep's runs side by side on one colour scale.
+
+// cividis at 9 evenly spaced points (matplotlib's).
+const CIVIDIS = [
+  [0, 34, 78], [26, 56, 111], [67, 78, 108], [97, 101, 111], [125, 124, 120],
+  [155, 148, 118], [188, 174, 108], [222, 201, 88], [254, 232, 56],
+];
+// The verdicts' default thresholds (diagnose.vanishing_ratio, exploding_ratio).
+const VANISHING = 1e-2;
+const EXPLODING = 1e2;
+const CELL_MAX = 14; // px per heatmap cell at most
+const LABEL_WIDTH = 130; // px for the layer names left of a heatmap
+
+const state = {runs: {}, quantities: {}, run: null, quantity: 'signal_bwd', relative: true,
+  view: 'run', filter: '', grid: null, step: 0};
+
+export async function render() {
+  document.head.appendChild(el('style', {}, STYLE));
+  const body = document.body;
+  body.appendChild(el('div', {id: 'controls'}));
+  body.appendChild(el('div', {id: 'main'}));
+  body.appendChild(el('div', {id: 'tooltip', role: 'status', hidden: ''}));
+  const index = await getJSON('./runs');
+  state.runs = index.runs;
+  state.quantities = index.quantities;
+  const names = Object.keys(state.runs).sort();
+  if (!names.length) {
+    document.getElementById('main').appendChild(el('p', {id: 'empty'},
+      'No gradexp runs here yet: train one with `gradexp train`, then reload.'));
+    return;
+  }
+  state.run = names[0];
+  state.view = names.length > 1 ? 'sweep' : 'run';
+  drawControls(names);
+  await update();
+}
+
+// --- controls ------------------------------------------------------------------------
+function drawControls(names) {
+  const controls = document.getElementById('controls');
+  controls.replaceChildren();
+  const quantity = el('select', {id: 'quantity', 'aria-label': 'quantity'},
+    ...Object.entries(state.quantities).map(([q, label]) =>
+      el('option', {value: q, ...(q === state.quantity ? {selected: ''} : {})}, label)));
+  quantity.onchange = () => { state.quantity = quantity.value; update(); };
+  const relative = el('input', {id: 'relative', type: 'checkbox',
+    ...(state.relative ? {checked: ''} : {})});
+  relative.onchange = () => { state.relative = relative.checked; update(); };
+  const view = el('select', {id: 'view', 'aria-label': 'view'},
+    el('option', {value: 'run', ...(state.view === 'run' ? {selected: ''} : {})}, 'one run'),
+    el('option', {value: 'sweep', ...(state.view === 'sweep' ? {selected: ''} : {})},
+      `all runs side by side (${names.length})`));
+  view.onchange = () => { state.view = view.value; update(); };
+  const run = el('select', {id: 'run', 'aria-label': 'run'},
+    ...names.map((n) => el('option', {value: n, ...(n === state.run ? {selected: ''} : {})}, n)));
+  run.onchange = () => { state.run = run.value; state.view = 'run'; view.value = 'run'; update(); };
+  const filter = el('input', {id: 'filter', type: 'search', placeholder: 'filter runs by name',
+    value: state.filter, 'aria-label': 'filter runs by name'});
+  filter.oninput = () => { state.filter = filter.value; if (state.view === 'sweep') update(); };
+  controls.append(
+    el('label', {}, 'quantity ', quantity),
+    el('label', {}, relative, ' relative to the head'),
+    el('label', {}, 'view ', view),
+    el('label', {}, 'run ', run),
+    filter);
+}
+
+async function update() {
+  const main = document.getElementById('main');
+  main.replaceChildren(el('p', {}, 'Loading…'));
+  if (state.view === 'sweep') await drawSweep(main);
+  else await drawRun(main);
+}
+
+// --- one run -------------------------------------------------------------------------
+async function drawRun(main) {
+  const info = state.runs[state.run];
+  const quantity = info.quantities.includes(state.quantity) ? state.quantity : info.quantities[0];
+  const raw = await getJSON(`./heatmap?${new URLSearchParams({run: state.run, quantity})}`);
+  const grid = transform(raw);
+  state.grid = grid;
+  state.step = 0;
+  const [lo, hi] = range([grid]);
+  main.replaceChildren(
+    el('h2', {}, state.run),
+    el('p', {class: 'what'}, describe(grid)),
+    el('div', {}, heatmapFigure(grid, lo, hi, {cell: CELL_MAX, labels: true, id: 'heatmap'})),
+    el('div', {}, colorbar(lo, hi, grid.label)),
+    profileSection(grid),
+  );
+  if (info.time_layers.length) main.appendChild(await timeSection(state.run));
+  main.appendChild(el('h3', {}, 'verdicts'));
+  main.appendChild(el('pre', {id: 'verdicts'}, info.verdicts || 'no verdicts logged yet'));
+  showProfile(0);
+}
+
+function describe(grid) {
+  const parts = [`${grid.label}: ${grid.layers.length} layers (input at the bottom) x ` +
+    `${grid.steps.length} logged steps (${grid.steps[0]}-${grid.steps[grid.steps.length - 1]})`];
+  if (grid.relative) {
+    parts.push(`outlined: below ${VANISHING} of the head (vanishing, magenta) or above ` +
+      `${EXPLODING} (exploding, black)`);
+  }
+  return parts.join('; ');
+}
+
+// The grid as drawn: relative to the head (the last layer) at each step when asked and
+// meaningful; log10 of the values; null where there is nothing (or a non-positive value).
+function transform(raw) {
+  const fractions = raw.quantity === 'dead_frac' || raw.quantity === 'sat_frac';
+  const relative = state.relative && !fractions;
+  const head = raw.values[raw.values.length - 1];
+  const values = raw.values.map((row) => row.map((v, j) => {
+    if (v === null) return null;
+    if (!relative) return v;
+    const h = head[j];
+    return h ? v / h : null;
+  }));
+  const label = (state.quantities[raw.quantity] || raw.quantity) + (relative ? ' / head' : '');
+  return {...raw, values, raw: raw.values, relative, label, log: !fractions};
+}
+
+function logOf(v, log) {
+  if (v === null || v === undefined) return null;
+  if (!log) return v;
+  return v > 0 ? Math.log10(v) : null;
+}
+
+function range(grids) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const g of grids) {
+    for (const row of g.values) {
+      for (const v of row) {
+        const x = logOf(v, g.log);
+        if (x === null) continue;
+        lo = Math.min(lo, x);
+        hi = Math.max(hi, x);
+      }
+    }
+  }
+  if (!Number.isFinite(lo)) return [0, 1];
+  if (hi - lo < 1e-9) return [lo - 0.5, hi + 0.5];
+  return [lo, hi];
+}
+
+function color(x, lo, hi) {
+  if (x === null) return 'rgb(235,235,235)';
+  const u = Math.min(1, Math.max(0, (x - lo) / (hi - lo))) * (CIVIDIS.length - 1);
+  const i = Math.min(CIVIDIS.length - 2, Math.floor(u));
+  const f = u - i;
+  const c = CIVIDIS[i].map((a, k) => Math.round(a + f * (CIVIDIS[i + 1][k] - a)));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+// A heatmap canvas: rows are layers (input at the bottom), columns logged steps.
+function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 420}) {
+  const rows = grid.layers.length;
+  const cols = grid.steps.length;
+  const cw = Math.max(2, Math.min(cell, Math.floor(width / Math.max(cols, 1))));
+  const ch = Math.max(3, Math.min(2 * cell, Math.floor(height / Math.max(rows, 1))));
+  const left = labels ? LABEL_WIDTH : 0;
+  const bottom = labels ? 30 : 0;
+  const canvas = el('canvas', {
+    ...(id ? {id} : {}), width: left + cols * cw + 4, height: rows * ch + bottom + 4,
+    tabindex: '0', role: 'img',
+    'aria-label': `${grid.label} heatmap: ${rows} layers x ${cols} steps`,
+    'data-rows': rows, 'data-cols': cols,
+  });
+  const ctx = canvas.getContext('2d');
+  for (let i = 0; i < rows; i++) {
+    const y = (rows - 1 - i) * ch; // input (layer 0) at the bottom
+    for (let j = 0; j < cols; j++) {
+      ctx.fillStyle = color(logOf(grid.values[i][j], grid.log), lo, hi);
+      ctx.fillRect(left + j * cw, y, cw, ch);
+    }
+  }
+  if (grid.relative) outline(ctx, grid, left, cw, ch);
+  if (labels) {
+    ctx.fillStyle = '#222';
+    ctx.font = `${Math.min(12, ch + 2)}px sans-serif`;
+    ctx.textBaseline = 'middle';
+    const every = Math.ceil(12 / ch);
+    for (let i = 0; i < rows; i += every) {
+      ctx.fillText(grid.layers[i], 2, (rows - 1 - i) * ch + ch / 2, left - 6);
+    }
+    ctx.font = '12px sans-serif';
+    ctx.textBaseline = 'top';
+    const ticks = Math.min(cols, 8);
+    for (let k = 0; k < ticks; k++) {
+      const j = Math.round((k * (cols - 1)) / Math.max(ticks - 1, 1));
+      ctx.fillText(`${grid.steps[j]}`, left + j * cw, rows * ch + 6);
+    }
+    ctx.fillText('training step →', left + cols * cw - 100, rows * ch + 18);
+  }
+  canvas.gradexp = {grid, left, cw, ch};
+  canvas.addEventListener('mousemove', (e) => hover(e, canvas));
+  canvas.addEventListener('mouseleave', () => { tooltip().hidden = true; });
+  canvas.addEventListener('click', (e) => {
+    const cellAt = locate(e, canvas);
+    if (cellAt && state.grid === grid) setStep(cellAt.j);
+  });
+  canvas.addEventListener('keydown', (e) => {
+    if (state.grid !== grid) return;
+    if (e.key === 'ArrowRight') setStep(Math.min(grid.steps.length - 1, state.step + 1));
+    if (e.key === 'ArrowLeft') setStep(Math.max(0, state.step - 1));
+  });
+  return canvas;
+}
+
+// The cells beyond a verdict's threshold get a border: where and from when at a glance.
+function outline(ctx, grid, left, cw, ch) {
+  const rows = grid.layers.length;
+  ctx.lineWidth = 1.5;
+  for (let i = 0; i < rows - 1; i++) { // the head is 1 by construction
+    for (let j = 0; j < grid.steps.length; j++) {
+      const v = grid.values[i][j];
+      if (v === null) continue;
+      const beyond = v < VANISHING ? '#d81b60' : v > EXPLODING ? '#000000' : null;
+      if (!beyond) continue;
+      ctx.strokeStyle = beyond;
+      ctx.strokeRect(left + j * cw + 0.75, (rows - 1 - i) * ch + 0.75, cw - 1.5, ch - 1.5);
+    }
+  }
+}
+
+function locate(e, canvas) {
+  const {grid, left, cw, ch} = canvas.gradexp;
+  const rect = canvas.getBoundingClientRect();
+  const x = e.clientX - rect.left - left;
+  const y = e.clientY - rect.top;
+  const j = Math.floor(x / cw);
+  const i = grid.layers.length - 1 - Math.floor(y / ch);
+  if (j < 0 || j >= grid.steps.length || i < 0 || i >= grid.layers.length) return null;
+  return {i, j};
+}
+
+function hover(e, canvas) {
+  const at = locate(e, canvas);
+  const tip = tooltip();
+  if (!at) { tip.hidden = true; return; }
+  const {grid} = canvas.gradexp;
+  const value = grid.values[at.i][at.j];
+  const raw = grid.raw[at.i][at.j];
+  tip.textContent = `${grid.run} · layer ${grid.layers[at.i]} · step ${grid.steps[at.j]} · ` +
+    (grid.relative ? `${fmt(value)} of the head (${grid.quantity} ${fmt(raw)})`
+      : `${grid.quantity} ${fmt(raw)}`);
+  tip.hidden = false;
+  tip.style.left = `${e.pageX + 12}px`;
+  tip.style.top = `${e.pageY + 12}px`;
+}
+
+function colorbar(lo, hi, label) {
+  const width = 360;
+  const canvas = el('canvas', {id: 'colorbar', width: width + 40, height: 46, role: 'img',
+    'aria-label': `colour scale: ${label}, 1e${lo.toFixed(1)} to 1e${hi.toFixed(1)}`});
+  const ctx = canvas.getContext('2d');
+  for (let x = 0; x < width; x++) {
+    ctx.fillStyle = color(lo + ((hi - lo) * x) / (width - 1), lo, hi);
+    ctx.fillRect(x + 10, 0, 1, 14);
+  }
+  ctx.fillStyle = '#222';
+  ctx.font = '12px sans-serif';
+  ctx.textBaseline = 'top';
+  const first = Math.ceil(lo);
+  const last = Math.floor(hi);
+  const stride = Math.max(1, Math.ceil((last - first + 1) / 8));
+  for (let d = first; d <= last; d += stride) {
+    const x = 10 + ((d - lo) / (hi - lo)) * (width - 1);
+    ctx.fillRect(x, 14, 1, 4);
+    ctx.fillText(`1e${d}`, x - 10, 19);
+  }
+  ctx.fillText(label, 10, 33);
+  return canvas;
+}
+
+// --- the profile at one step ---------------------------------------------------------
+function profileSection(grid) {
+  const slider = el('input', {id: 'step', type: 'range', min: 0, max: grid.steps.length - 1,
+    value: 0, step: 1, 'aria-label': 'training step of the profile'});
+  slider.oninput = () => setStep(Number(slider.value));
+  return el('section', {},
+    el('h3', {}, 'per-layer profile at step ', el('span', {id: 'step-label'}, `${grid.steps[0]}`)),
+    slider,
+    el('div', {id: 'profile'}));
+}
+
+function setStep(j) {
+  state.step = j;
+  const slider = document.getElementById('step');
+  if (slider) slider.value = j;
+  showProfile(j);
+}
+
+function showProfile(j) {
+  const grid = state.grid;
+  const target = document.getElementById('profile');
+  if (!grid || !target) return;
+  document.getElementById('step-label').textContent = `${grid.steps[j]}`;
+  const points = grid.values.map((row, i) => [i, logOf(row[j], grid.log)]);
+  target.replaceChildren(lineChart(points, grid.layers, grid.label));
+  target.dataset.step = grid.steps[j];
+  target.dataset.values = JSON.stringify(grid.values.map((row) => row[j]));
+}
+
+function lineChart(points, names, label) {
+  const W = 640;
+  const H = 220;
+  const pad = {l: 60, r: 10, t: 10, b: 40};
+  const ys = points.map((p) => p[1]).filter((y) => y !== null);
+  const lo = ys.length ? Math.floor(Math.min(...ys)) : 0;
+  const hi = ys.length ? Math.max(lo + 1, Math.ceil(Math.max(...ys))) : 1;
+  const n = Math.max(points.length - 1, 1);
+  const X = (i) => pad.l + (i / n) * (W - pad.l - pad.r);
+  const Y = (y) => pad.t + (1 - (y - lo) / (hi - lo)) * (H - pad.t - pad.b);
+  const svg = svgEl('svg', {width: W, height: H, role: 'img', 'aria-label': `${label} per layer`});
+  for (let d = lo; d <= hi; d += Math.max(1, Math.ceil((hi - lo) / 6))) {
+    svg.appendChild(svgEl('line', {x1: pad.l, x2: W - pad.r, y1: Y(d), y2: Y(d), stroke: '#ddd'}));
+    svg.appendChild(svgText(`1e${d}`, pad.l - 6, Y(d) + 4, 'end'));
+  }
+  const path = points.filter((p) => p[1] !== null).map((p, k) =>
+    `${k ? 'L' : 'M'}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join('');
+  svg.appendChild(svgEl('path', {d: path, fill: 'none', stroke: '#1a386f', 'stroke-width': 2}));
+  for (const [i, y] of points) {
+    if (y !== null) svg.appendChild(svgEl('circle', {cx: X(i), cy: Y(y), r: 3, fill: '#1a386f'}));
+  }
+  svg.appendChild(svgText(names[0], pad.l, H - 22, 'start'));
+  svg.appendChild(svgText(names[names.length - 1], W - pad.r, H - 22, 'end'));
+  svg.appendChild(svgText(`${label} (log scale), input → head`, pad.l, H - 6, 'start'));
+  return svg;
+}
+
+// --- through time --------------------------------------------------------------------
+async function timeSection(run) {
+  const data = await getJSON(`./time?${new URLSearchParams({run})}`);
+  const section = el('section', {id: 'time'}, el('h3', {}, '‖∂L/∂h_t‖ through time'));
+  for (const [layer, g] of Object.entries(data.layers)) {
+    const grid = {run, quantity: 'time_grad', layers: g.t.map((t) => `t=${t}`), steps: g.steps,
+      values: g.values, raw: g.values, relative: false, log: true,
+      label: `${layer}: ‖∂L/∂h_t‖ (rows: time step t, first at the bottom)`};
+    const [lo, hi] = range([grid]);
+    section.append(el('p', {class: 'what'}, grid.label),
+      el('div', {}, heatmapFigure(grid, lo, hi, {cell: 10, labels: true})),
+      el('div', {}, colorbar(lo, hi, '‖∂L/∂h_t‖')));
+  }
+  return section;
+}
+
+// --- a sweep side by side ------------------------------------------------------------
+async function drawSweep(main) {
+  const needle = state.filter.toLowerCase();
+  const names = Object.keys(state.runs).sort().filter((n) => n.toLowerCase().includes(needle));
+  const grids = await Promise.all(names.map(async (run) => {
+    const info = state.runs[run];
+    const quantity = info.quantities.includes(state.quantity) ? state.quantity : info.quantities[0];
+    return transform(await getJSON(`./heatmap?${new URLSearchParams({run, quantity})}`));
+  }));
+  const [lo, hi] = range(grids);
+  const cards = grids.map((grid) => {
+    const card = el('figure', {class: 'card', 'data-run': grid.run},
+      heatmapFigure(grid, lo, hi, {cell: 10, labels: false, width: 300, height: 130}),
+      el('figcaption', {}, el('button', {type: 'button'}, grid.run), verdictLine(grid.run)));
+    card.querySelector('button').onclick = () => {
+      state.run = grid.run;
+      state.view = 'run';
+      drawControls(Object.keys(state.runs).sort());
+      update();
+    };
+    return card;
+  });
+  main.replaceChildren(
+    el('p', {class: 'what'}, `${names.length} runs, one colour scale; each: layers (input at the ` +
+      'bottom) x logged steps; outlined: beyond the verdict thresholds. Click a run to open it.'),
+    colorbar(lo, hi, grids[0] ? grids[0].label : ''),
+    el('div', {id: 'sweep'}, ...cards));
+}
+
+function verdictLine(run) {
+  const text = state.runs[run].verdicts || '';
+  const kinds = [...text.matchAll(/^\| ([a-z_]+) \|/gm)].map((m) => m[1]).filter((k) => k !== 'verdict');
+  return el('span', {class: 'verdicts'}, kinds.length ? [...new Set(kinds)].join(', ') : '');
+}
+
+// --- helpers -------------------------------------------------------------------------
+async function getJSON(url) {
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return '-';
+  return Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4 ? v.toPrecision(3) : v.toExponential(2);
+}
+
+function tooltip() {
+  return document.getElementById('tooltip');
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : String(c));
+  }
+  return node;
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function svgText(text, x, y, anchor) {
+  const t = svgEl('text', {x, y, 'text-anchor': anchor, 'font-size': 12, fill: '#222'});
+  t.textContent = text;
+  return t;
+}
+
+const STYLE = `
+  body { font: 14px/1.4 system-ui, sans-serif; color: #222; margin: 12px; }
+  #controls { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; margin-bottom: 8px; }
+  select, input, button { font: inherit; }
+  h2 { font-size: 18px; margin: 6px 0; word-break: break-all; }
+  h3 { font-size: 15px; margin: 14px 0 4px; }
+  .what { color: #444; margin: 2px 0 6px; }
+  canvas:focus, button:focus, select:focus, input:focus { outline: 2px solid #d81b60; }
+  #tooltip { position: absolute; background: #fff; border: 1px solid #888; padding: 4px 6px;
+    font-size: 13px; pointer-events: none; box-shadow: 0 1px 4px rgba(0,0,0,.2); }
+  #sweep { display: flex; flex-wrap: wrap; gap: 10px; }
+  .card { margin: 0; border: 1px solid #ddd; padding: 6px; max-width: 420px; }
+  .card figcaption { font-size: 12px; word-break: break-all; }
+  .card button { border: none; background: none; color: #1a386f; text-decoration: underline;
+    cursor: pointer; padding: 0; text-align: left; }
+  .verdicts { display: block; color: #444; }
+  #verdicts { white-space: pre-wrap; font-size: 12px; }
+  #step { width: 640px; }
+`;

@@ -1,0 +1,264 @@
+"""The gradexp tab in TensorBoard: its routes, served by a real ``tensorboard`` over real
+runs, and the tab itself in a real browser (Debian's Chromium, driven by Playwright).
+
+The browser tests skip with the reason where no Chromium can be had (`.ci/run` installs
+Debian's); screenshots land in the test's tmp dir (printed on failure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cli_env, describe, run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SWEEP_RUNS = ("sweep/0_init=normal", "sweep/1_init=xavier_normal")
+LSTM = ("model=lstm", "data.length=8", "model.hidden_size=8", *TINY[2:])
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny two-job sweep and a tiny LSTM run in one logdir."""
+    root = tmp_path_factory.mktemp("tb")
+    sweep = ["train", "-m", *TINY, "init=normal,xavier_normal", f"hydra.sweep.dir={root / 'sweep'}"]
+    proc = run_cli(sweep, root)
+    assert proc.returncode == 0, describe(proc)
+    proc = run_cli(["train", *LSTM, f"hydra.run.dir={root / 'lstm'}"], root)
+    assert proc.returncode == 0, describe(proc)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tensorboard(logdir: Path):
+    """``tensorboard --logdir`` on 127.0.0.1: its base URL."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "tensorboard"
+    proc = subprocess.Popen(
+        [str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
+         "--reload_interval", "0"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            runs = json.loads(urllib.request.urlopen(f"{url}/data/plugin/gradexp/runs").read())
+            if len(runs["runs"]) == 3:  # every run loaded
+                break
+        except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"tensorboard did not serve the runs: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def event_values(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a run, as TensorBoard's EventAccumulator reads the event file."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    acc = ea.EventAccumulator(str(files[0]), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+
+
+# --- the backend ------------------------------------------------------------------------
+
+
+def test_the_tab_is_listed_and_its_module_served(tensorboard: str) -> None:
+    _, listing = get(f"{tensorboard}/data/plugins_listing")
+    assert listing["gradexp"]["enabled"] and listing["gradexp"]["tab_name"] == "gradexp"
+    with urllib.request.urlopen(f"{tensorboard}/data/plugin/gradexp/index.js") as r:
+        assert r.headers["Content-Type"].startswith("application/javascript")
+        assert "export async function render" in r.read().decode()
+
+
+def test_runs_lists_layers_quantities_and_verdicts(tensorboard: str) -> None:
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/runs")
+    assert status == 200
+    runs = body["runs"]
+    assert sorted(runs) == sorted([*SWEEP_RUNS, "lstm"])
+    mlp = runs[SWEEP_RUNS[0]]
+    assert mlp["layers"] == ["hidden.0", "hidden.1", "hidden.2", "head"]  # input first
+    assert mlp["quantities"][0] == "signal_bwd" and "grad_norm" in mlp["quantities"]
+    assert mlp["time_layers"] == [] and runs["lstm"]["time_layers"] == ["00_recurrent.0"]
+    assert mlp["verdicts"].startswith("| verdict | layer | step | evidence |")
+
+
+@pytest.mark.parametrize("quantity", ["signal_bwd", "grad_norm", "update_ratio"])
+def test_heatmap_holds_what_the_event_file_holds(
+    tensorboard: str, logdir: Path, quantity: str
+) -> None:
+    run = SWEEP_RUNS[1]
+    query = urllib.parse.urlencode({"run": run, "quantity": quantity})
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmap?{query}")
+    assert status == 200, body
+    events = event_values(logdir / run)
+    tags = [f"{quantity}/{i}_{name}" for i, name in zip(["00", "01", "02", "03"], body["layers"])]
+    assert body["steps"] == sorted(events[tags[0]])  # every logged step: 0, 2, 4, 5
+    for tag, row in zip(tags, body["values"]):
+        expected = [events[tag].get(step) for step in body["steps"]]
+        assert row == pytest.approx(expected, rel=0, abs=0), tag  # float32 as written
+
+
+def test_time_grid_holds_the_gradients_through_time(tensorboard: str, logdir: Path) -> None:
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/time?run=lstm")
+    assert status == 200, body
+    grid = body["layers"]["00_recurrent.0"]
+    assert grid["t"] == list(range(8))  # T=8 < time_samples: every time step
+    events = event_values(logdir / "lstm")
+    for t, row in zip(grid["t"], grid["values"]):
+        series = events[f"time_grad/00_recurrent.0/t{t}"]
+        assert row == [series.get(s) for s in grid["steps"]]
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "fragment"),
+    [
+        ("heatmap?run=nope", 404, "run 'nope': no such run"),
+        ("heatmap?run=lstm&quantity=bogus", 400, "quantity=bogus: unknown; choose from"),
+        ("heatmap", 400, "give a run"),
+        ("time?run=nope", 404, "no such run"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(
+    tensorboard: str, route: str, status: int, fragment: str
+) -> None:
+    code, body = get(f"{tensorboard}/data/plugin/gradexp/{route}")
+    assert code == status and fragment in body["error"], body
+
+
+# --- the tab in a real browser -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here (apt-get install -y chromium)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def open_tab(browser, url: str, shots: Path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.goto(f"{url}/#gradexp")
+    frame = page.frame_locator("iframe")
+    return page, frame
+
+
+def test_the_sweep_view_lists_every_run(browser, tensorboard: str, tmp_path: Path) -> None:
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    cards = frame.locator("#sweep .card")
+    cards.first.wait_for()
+    assert sorted(cards.evaluate_all("cs => cs.map(c => c.dataset.run)")) == sorted(
+        [*SWEEP_RUNS, "lstm"]
+    )
+    frame.locator("#filter").fill("xavier")
+    frame.locator("#sweep .card").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('iframe').contentDocument"
+        ".querySelectorAll('#sweep .card').length === 1"
+    )
+    page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
+    page.close()
+
+
+def test_a_run_heatmap_tooltip_and_profile(
+    browser, tensorboard: str, logdir: Path, tmp_path: Path
+) -> None:
+    run = SWEEP_RUNS[0]
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#run").select_option(run)
+    heatmap = frame.locator("#heatmap")
+    heatmap.wait_for()
+    events = event_values(logdir / run)
+    steps = sorted(events["signal_bwd/00_hidden.0"])
+    assert heatmap.get_attribute("data-rows") == "4"  # 3 hidden layers and the head
+    assert heatmap.get_attribute("data-cols") == str(len(steps))
+    # The bottom-left cell: the input layer at step 0; the tooltip shows its raw value.
+    box = heatmap.bounding_box()
+    rows, cols = 4, len(steps)
+    canvas_w = int(heatmap.get_attribute("width"))
+    cell_w = (canvas_w - 130 - 4) / cols
+    cell_h = (int(heatmap.get_attribute("height")) - 34) / rows
+    page.mouse.move(box["x"] + 130 + cell_w / 2, box["y"] + (rows - 0.5) * cell_h)
+    tooltip = frame.locator("#tooltip")
+    tooltip.wait_for(state="visible")
+    text = tooltip.text_content()
+    raw = events["signal_bwd/00_hidden.0"][0]
+    head = events["signal_bwd/03_head"][0]
+    assert "layer hidden.0 · step 0" in text, text
+    assert f"signal_bwd {raw:.2e}" in text or f"signal_bwd {raw:.3g}" in text, (text, raw)
+    # The profile follows the slider: its values are the grid's column at that step.
+    profile = frame.locator("#profile")
+    assert profile.get_attribute("data-step") == "0"
+    values = json.loads(profile.get_attribute("data-values"))
+    assert values[0] == pytest.approx(raw / head, rel=1e-6)
+    frame.locator("#step").fill(str(len(steps) - 1))
+    page.wait_for_timeout(200)
+    assert profile.get_attribute("data-step") == str(steps[-1])
+    last = json.loads(profile.get_attribute("data-values"))
+    expected = events["signal_bwd/00_hidden.0"][steps[-1]] / events["signal_bwd/03_head"][steps[-1]]
+    assert last[0] == pytest.approx(expected, rel=1e-6) and not math.isnan(last[0])
+    assert "verdict" in frame.locator("#verdicts").text_content()
+    page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
+    page.close()
+
+
+def test_a_recurrent_run_shows_gradients_through_time(
+    browser, tensorboard: str, tmp_path: Path
+) -> None:
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#run").select_option("lstm")
+    time_section = frame.locator("#time canvas[data-rows]")
+    time_section.first.wait_for()
+    assert time_section.first.get_attribute("data-rows") == "8"  # t = 0..7
+    page.screenshot(path=str(tmp_path / "recurrent.png"), full_page=True)
+    page.close()
+
+
+def test_the_plugin_is_registered_for_tensorboard() -> None:
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="tensorboard_plugins") if e.name == "gradexp"]
+    plugin = entry.load()
+    assert plugin.plugin_name == "gradexp"
+    static = Path(sys.modules[plugin.__module__].__file__).parent / "static" / "index.js"
+    assert static.is_file()  # shipped as package data (pyproject's package-data)
