@@ -135,6 +135,32 @@ def test_heatmap_holds_what_the_event_file_holds(
         assert row == pytest.approx(expected, rel=0, abs=0), tag  # float32 as written
 
 
+def test_heatmaps_hold_every_run_to_four_digits(tensorboard: str, logdir: Path) -> None:
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?quantity=signal_bwd")
+    assert status == 200 and sorted(body["grids"]) == sorted([*SWEEP_RUNS, "lstm"])
+    for run, grid in body["grids"].items():
+        events = event_values(logdir / run)
+        first = next(t for t in events if t.startswith("signal_bwd/00_"))
+        expected = [events[first][step] for step in grid["steps"]]
+        assert grid["values"][0] == pytest.approx(expected, rel=5e-4), run
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?quantity=grad_norm&limit=1")
+    assert list(body["grids"]) == ["lstm"]  # the first run by name
+    query = urllib.parse.urlencode([("quantity", "grad_norm"), ("run", SWEEP_RUNS[1])])
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?{query}")
+    assert list(body["grids"]) == [SWEEP_RUNS[1]]
+
+
+def test_summary_is_the_runs_own(tensorboard: str, logdir: Path) -> None:
+    run = SWEEP_RUNS[0]
+    status, body = get(
+        f"{tensorboard}/data/plugin/gradexp/summary?{urllib.parse.urlencode({'run': run})}"
+    )
+    assert status == 200, body
+    summary = json.loads((logdir / run / "summary.json").read_text())
+    for key in ("status", "steps", "options", "verdicts", "theory"):
+        assert body[key] == summary[key], key
+
+
 def test_time_grid_holds_the_gradients_through_time(tensorboard: str, logdir: Path) -> None:
     status, body = get(f"{tensorboard}/data/plugin/gradexp/time?run=lstm")
     assert status == 200, body
@@ -153,6 +179,8 @@ def test_time_grid_holds_the_gradients_through_time(tensorboard: str, logdir: Pa
         ("heatmap?run=lstm&quantity=bogus", 400, "quantity=bogus: unknown; choose from"),
         ("heatmap", 400, "give a run"),
         ("time?run=nope", 404, "no such run"),
+        ("summary?run=nope", 404, "no such run"),
+        ("heatmaps?quantity=bogus", 400, "quantity=bogus: unknown"),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(
@@ -185,8 +213,8 @@ def open_tab(browser, url: str, shots: Path):
 
 def test_the_sweep_view_lists_every_run(browser, tensorboard: str, tmp_path: Path) -> None:
     page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#sweep[data-complete]").wait_for()
     cards = frame.locator("#sweep .card")
-    cards.first.wait_for()
     assert sorted(cards.evaluate_all("cs => cs.map(c => c.dataset.run)")) == sorted(
         [*SWEEP_RUNS, "lstm"]
     )

@@ -8,8 +8,12 @@ data provider, so the tab shows what the Scalars tab would, from the same events
   quantities it has, its recurrent layers with gradients through time, its verdicts.
 - ``/heatmap?run=R&quantity=Q``: the layer x step grid of one quantity, the values as
   the event file holds them (null where a layer has no value at a step).
+- ``/heatmaps?quantity=Q[&run=R...][&limit=N]``: every run's (these runs', the first
+  N runs by name) grid of that quantity, to 4 significant digits (the sweep view).
 - ``/time?run=R``: per recurrent layer, the time step x training step grid of
   ||dL/dh_t||.
+- ``/summary?run=R``: the run's summary.json as logged at its end (``run/summary``):
+  status, verdicts with their evidence, the mean-field prediction, the options.
 
 An unknown run or quantity is a 4xx with a one-line JSON error, never a traceback.
 No torch here: TensorBoard imports this module in its own process.
@@ -43,8 +47,14 @@ QUANTITIES = {
 # Per-layer tags: <quantity>/<NN>_<layer name>; through time: time_grad/<NN>_<layer>/t<k>.
 LAYER_TAG = re.compile(r"^(?P<quantity>[a-z_]+)/(?P<index>\d+)_(?P<layer>[^/]+)$")
 TIME_TAG = re.compile(r"^time_grad/(?P<index>\d+)_(?P<layer>[^/]+)/t(?P<t>\d+)$")
-# The verdicts table, as torch's add_text names its tag.
+# The verdicts table and the final summary.json, as torch's add_text names their tags.
 VERDICTS_TAG = "run/verdicts/text_summary"
+SUMMARY_TAG = "run/summary/text_summary"
+# What of summary.json the tab shows.
+SUMMARY_KEYS = ("status", "error", "steps", "options", "verdicts", "theory", "metrics")
+# The sweep view's values: 4 significant digits colour a cell and label a tooltip, at a
+# quarter of the reply's size (100 runs x 30 layers x 100 steps: 7 MB exact).
+SWEEP_DIGITS = 4
 # Every logged step: the tab is about step 0 and where the flow changed.
 MAX_STEPS = 100_000
 
@@ -60,8 +70,12 @@ def _error(request: Request, message: str, status: int) -> Response:
     return _json(request, {"error": message}, status)
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _finite(value: float, digits: int | None = None) -> float | None:
+    """A value for JSON: None when not finite; rounded to ``digits`` significant digits
+    when given (a shorter reply; the event file's float32 needs 9 to be exact)."""
+    if not math.isfinite(value):
+        return None
+    return value if digits is None else float(f"{value:.{digits}g}")
 
 
 class GradexpPlugin(base_plugin.TBPlugin):
@@ -86,7 +100,9 @@ class GradexpPlugin(base_plugin.TBPlugin):
             "/index.js": self._index,
             "/runs": self._runs,
             "/heatmap": self._heatmap,
+            "/heatmaps": self._heatmaps,
             "/time": self._time,
+            "/summary": self._summary,
         }
 
     # --- reading ---------------------------------------------------------------------
@@ -108,23 +124,27 @@ class GradexpPlugin(base_plugin.TBPlugin):
         )
         return data.get(run, {})
 
-    def _verdicts(self, request: Request, runs: list[str]) -> dict[str, str]:
-        """Each run's run/verdicts text (a Markdown table), its last version."""
+    def _texts(self, request: Request, runs: list[str], tag: str) -> dict[str, str]:
+        """Each run's last text logged under ``tag``."""
         data = self._data.read_tensors(
             _ctx(request),
             experiment_id=_experiment(request),
             plugin_name="text",
             downsample=1,
-            run_tag_filter=provider.RunTagFilter(runs=runs, tags=[VERDICTS_TAG]),
+            run_tag_filter=provider.RunTagFilter(runs=runs, tags=[tag]),
         )
         out = {}
         for run, tags in data.items():
-            series = tags.get(VERDICTS_TAG) or []
+            series = tags.get(tag) or []
             if series:
                 value = series[-1].numpy
                 raw = value.item() if value.shape == () else value.flat[0]
                 out[run] = raw.decode() if isinstance(raw, bytes) else str(raw)
         return out
+
+    def _verdicts(self, request: Request, runs: list[str]) -> dict[str, str]:
+        """Each run's run/verdicts text (a Markdown table), its last version."""
+        return self._texts(request, runs, VERDICTS_TAG)
 
     # --- routes ----------------------------------------------------------------------
     @Request.application
@@ -162,39 +182,97 @@ class GradexpPlugin(base_plugin.TBPlugin):
         if not run:
             return _error(request, "give a run: /heatmap?run=RUN&quantity=QUANTITY", 400)
         if quantity not in QUANTITIES:
-            return _error(
-                request, f"quantity={quantity}: unknown; choose from {', '.join(QUANTITIES)}", 400
-            )
-        tags = self._scalar_tags(request, [run]).get(run)
-        if tags is None:
+            return _unknown_quantity(request, quantity)
+        grids = self._grids(request, [run], quantity)
+        if run not in grids:
             return _error(request, f"run {run!r}: no such run", 404)
-        by_index = {}
-        for tag in tags:
-            m = LAYER_TAG.match(tag)
-            if m and m["quantity"] == quantity:
-                by_index[int(m["index"])] = (tag, m["layer"])
-        if not by_index:
+        if grids[run] is None:
             return _error(request, f"run {run!r} has no per-layer {quantity}", 404)
-        order = [by_index[i] for i in sorted(by_index)]
-        series = self._read(request, run, [tag for tag, _ in order])
-        steps = sorted({d.step for tag, _ in order for d in series.get(tag, [])})
-        column = {step: j for j, step in enumerate(steps)}
-        values = []
-        for tag, _ in order:
-            row: list[float | None] = [None] * len(steps)
-            for d in series.get(tag, []):
-                row[column[d.step]] = _finite(d.value)
-            values.append(row)
-        return _json(
-            request,
-            {
+        return _json(request, grids[run])
+
+    @Request.application
+    def _heatmaps(self, request: Request) -> Response:
+        """Every run's grid of one quantity in one reply (the sweep view): one listing and
+        one read over all runs, where a request per run cost a round trip each."""
+        quantity = request.args.get("quantity", "signal_bwd")
+        if quantity not in QUANTITIES:
+            return _unknown_quantity(request, quantity)
+        runs = request.args.getlist("run") or None
+        limit = request.args.get("limit", type=int)  # the first runs by name: a first screen
+        if limit is not None and runs is None:
+            runs = sorted(self._scalar_tags(request))[: max(limit, 0)] or None
+        grids = self._grids(request, runs, quantity, digits=SWEEP_DIGITS)
+        return _json(request, {"grids": {run: g for run, g in grids.items() if g is not None}})
+
+    def _grids(
+        self, request: Request, runs: list[str] | None, quantity: str, digits: int | None = None
+    ) -> dict[str, dict[str, Any] | None]:
+        """run -> its layer x step grid of ``quantity`` (None: it has none), for ``runs``
+        (None: every run); values exact, or to ``digits`` significant digits."""
+        listing = self._scalar_tags(request, runs)
+        orders = {}
+        for run, tags in listing.items():
+            by_index = {}
+            for tag in tags:
+                m = LAYER_TAG.match(tag)
+                if m and m["quantity"] == quantity:
+                    by_index[int(m["index"])] = (tag, m["layer"])
+            orders[run] = [by_index[i] for i in sorted(by_index)]
+        wanted = {tag for order in orders.values() for tag, _ in order}
+        data = (
+            self._data.read_scalars(
+                _ctx(request),
+                experiment_id=_experiment(request),
+                plugin_name="scalars",
+                downsample=MAX_STEPS,
+                run_tag_filter=provider.RunTagFilter(
+                    runs=[r for r in orders if orders[r]], tags=wanted
+                ),
+            )
+            if wanted
+            else {}
+        )
+        grids: dict[str, dict[str, Any] | None] = {}
+        for run, order in orders.items():
+            if not order:
+                grids[run] = None
+                continue
+            series = data.get(run, {})
+            steps = sorted({d.step for tag, _ in order for d in series.get(tag, [])})
+            column = {step: j for j, step in enumerate(steps)}
+            values = []
+            for tag, _ in order:
+                row: list[float | None] = [None] * len(steps)
+                for d in series.get(tag, []):
+                    row[column[d.step]] = _finite(d.value, digits)
+                values.append(row)
+            grids[run] = {
                 "run": run,
                 "quantity": quantity,
                 "layers": [name for _, name in order],
                 "steps": steps,
                 "values": values,  # values[layer][step], input layer first
-            },
-        )
+            }
+        return grids
+
+    @Request.application
+    def _summary(self, request: Request) -> Response:
+        """The run's summary.json as it logged it at its end (status, verdicts with their
+        evidence, the mean-field prediction, the options); 404 while it runs."""
+        run = request.args.get("run")
+        if not run:
+            return _error(request, "give a run: /summary?run=RUN", 400)
+        if run not in self._scalar_tags(request, [run]):
+            return _error(request, f"run {run!r}: no such run", 404)
+        text = self._texts(request, [run], SUMMARY_TAG).get(run)
+        if text is None:
+            return _error(request, f"run {run!r} has no summary yet (still running?)", 404)
+        body = text.strip().removeprefix("```").removesuffix("```")
+        try:
+            summary = json.loads(body)
+        except ValueError:
+            return _error(request, f"run {run!r}: its run/summary text is not JSON", 422)
+        return _json(request, {"run": run, **{k: summary.get(k) for k in SUMMARY_KEYS}})
 
     @Request.application
     def _time(self, request: Request) -> Response:
@@ -222,6 +300,12 @@ class GradexpPlugin(base_plugin.TBPlugin):
                 values.append(row)
             layers[layer] = {"t": ts, "steps": steps, "values": values}  # values[t][step]
         return _json(request, {"run": run, "layers": layers})
+
+
+def _unknown_quantity(request: Request, quantity: str) -> Response:
+    return _error(
+        request, f"quantity={quantity}: unknown; choose from {', '.join(QUANTITIES)}", 400
+    )
 
 
 def _ctx(request: Request) -> Any:

@@ -16,9 +16,10 @@ const VANISHING = 1e-2;
 const EXPLODING = 1e2;
 const CELL_MAX = 14; // px per heatmap cell at most
 const LABEL_WIDTH = 130; // px for the layer names left of a heatmap
+const FIRST_SCREEN = 16; // sweep cards fetched and drawn first
 
 const state = {runs: {}, quantities: {}, run: null, quantity: 'signal_bwd', relative: true,
-  view: 'run', filter: '', grid: null, step: 0};
+  view: 'run', filter: '', grid: null, step: 0, sweep: null, token: 0};
 
 export async function render() {
   document.head.appendChild(el('style', {}, STYLE));
@@ -26,6 +27,9 @@ export async function render() {
   body.appendChild(el('div', {id: 'controls'}));
   body.appendChild(el('div', {id: 'main'}));
   body.appendChild(el('div', {id: 'tooltip', role: 'status', hidden: ''}));
+  // The first screen of the sweep view is asked for with the run list, not after it.
+  const firstScreen = getJSON(`./heatmaps?quantity=${state.quantity}&limit=${FIRST_SCREEN}`);
+  firstScreen.catch(() => null);
   const index = await getJSON('./runs');
   state.runs = index.runs;
   state.quantities = index.quantities;
@@ -37,6 +41,7 @@ export async function render() {
   }
   state.run = names[0];
   state.view = names.length > 1 ? 'sweep' : 'run';
+  state.firstScreen = firstScreen;
   drawControls(names);
   await update();
 }
@@ -72,32 +77,68 @@ function drawControls(names) {
 }
 
 async function update() {
+  // A view drawn after a newer one was asked for would replace it: each update gets a
+  // number, and a view whose number is stale when its data arrives draws nothing.
+  const token = ++state.token;
   const main = document.getElementById('main');
   main.replaceChildren(el('p', {}, 'Loading…'));
-  if (state.view === 'sweep') await drawSweep(main);
-  else await drawRun(main);
+  const current = () => token === state.token;
+  if (state.view === 'sweep') await drawSweep(main, current);
+  else await drawRun(main, current);
 }
 
 // --- one run -------------------------------------------------------------------------
-async function drawRun(main) {
+async function drawRun(main, current) {
   const info = state.runs[state.run];
   const quantity = info.quantities.includes(state.quantity) ? state.quantity : info.quantities[0];
-  const raw = await getJSON(`./heatmap?${new URLSearchParams({run: state.run, quantity})}`);
+  const query = new URLSearchParams({run: state.run});
+  const [raw, summary] = await Promise.all([
+    getJSON(`./heatmap?${new URLSearchParams({run: state.run, quantity})}`),
+    getJSON(`./summary?${query}`).catch(() => null), // none while the run is running
+  ]);
+  if (!current()) return;
   const grid = transform(raw);
+  grid.summary = summary;
   state.grid = grid;
   state.step = 0;
   const [lo, hi] = range([grid]);
   main.replaceChildren(
     el('h2', {}, state.run),
+    el('p', {class: 'status'}, statusLine(summary)),
     el('p', {class: 'what'}, describe(grid)),
     el('div', {}, heatmapFigure(grid, lo, hi, {cell: CELL_MAX, labels: true, id: 'heatmap'})),
     el('div', {}, colorbar(lo, hi, grid.label)),
     profileSection(grid),
   );
-  if (info.time_layers.length) main.appendChild(await timeSection(state.run));
+  if (info.time_layers.length) {
+    const section = await timeSection(state.run);
+    if (!current()) return;
+    main.appendChild(section);
+  }
   main.appendChild(el('h3', {}, 'verdicts'));
-  main.appendChild(el('pre', {id: 'verdicts'}, info.verdicts || 'no verdicts logged yet'));
+  main.appendChild(verdictTable(info.verdicts));
   showProfile(0);
+}
+
+function statusLine(summary) {
+  if (!summary) return 'running (no summary yet)';
+  const options = Object.entries(summary.options || {}).map(([k, v]) => `${k}=${v}`).join(' ');
+  const metrics = Object.entries(summary.metrics || {})
+    .filter(([k]) => k.endsWith('/test')).map(([k, v]) => `${k} ${fmt(v)}`).join(', ');
+  return `${summary.status} after ${summary.steps} steps · ${options}` +
+    (metrics ? ` · ${metrics}` : '') + (summary.error ? ` · ${summary.error}` : '');
+}
+
+// The run/verdicts Markdown table as an HTML table (cells split on unescaped pipes).
+function verdictTable(markdown) {
+  if (!markdown) return el('p', {id: 'verdicts'}, 'no verdicts logged yet');
+  const rows = markdown.trim().split('\n').filter((line) => !/^\|[-| ]+\|$/.test(line))
+    .map((line) => line.replace(/^\|\s*|\s*\|$/g, '').split(/\s*(?<!\\)\|\s*/)
+      .map((cell) => cell.replace(/\\\|/g, '|')));
+  const [head, ...body] = rows;
+  return el('table', {id: 'verdicts'},
+    el('thead', {}, el('tr', {}, ...head.map((h) => el('th', {}, h)))),
+    el('tbody', {}, ...body.map((r) => el('tr', {}, ...r.map((c) => el('td', {}, c))))));
 }
 
 function describe(grid) {
@@ -150,12 +191,18 @@ function range(grids) {
   return [lo, hi];
 }
 
-function color(x, lo, hi) {
-  if (x === null) return 'rgb(235,235,235)';
+const MISSING = [235, 235, 235]; // no value (or a non-positive one on a log scale)
+
+function rgb(x, lo, hi) {
+  if (x === null) return MISSING;
   const u = Math.min(1, Math.max(0, (x - lo) / (hi - lo))) * (CIVIDIS.length - 1);
   const i = Math.min(CIVIDIS.length - 2, Math.floor(u));
   const f = u - i;
-  const c = CIVIDIS[i].map((a, k) => Math.round(a + f * (CIVIDIS[i + 1][k] - a)));
+  return CIVIDIS[i].map((a, k) => Math.round(a + f * (CIVIDIS[i + 1][k] - a)));
+}
+
+function color(x, lo, hi) {
+  const c = rgb(x, lo, hi);
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
@@ -163,25 +210,39 @@ function color(x, lo, hi) {
 function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 420}) {
   const rows = grid.layers.length;
   const cols = grid.steps.length;
-  const cw = Math.max(2, Math.min(cell, Math.floor(width / Math.max(cols, 1))));
+  const cw = Math.max(2, Math.min(3 * cell, Math.floor(width / Math.max(cols, 1))));
   const ch = Math.max(3, Math.min(2 * cell, Math.floor(height / Math.max(rows, 1))));
   const left = labels ? LABEL_WIDTH : 0;
   const bottom = labels ? 30 : 0;
   const canvas = el('canvas', {
-    ...(id ? {id} : {}), width: left + cols * cw + 4, height: rows * ch + bottom + 4,
+    ...(id ? {id} : {}), width: left + cols * cw + (labels ? 90 : 4), height: rows * ch + bottom + 4,
     tabindex: '0', role: 'img',
     'aria-label': `${grid.label} heatmap: ${rows} layers x ${cols} steps`,
     'data-rows': rows, 'data-cols': cols,
   });
   const ctx = canvas.getContext('2d');
+  // One pixel per cell, then scaled up without smoothing: a 100-run sweep draws 300k
+  // cells, which fillRect takes ~10x longer to paint.
+  const pixels = new ImageData(Math.max(cols, 1), Math.max(rows, 1));
   for (let i = 0; i < rows; i++) {
-    const y = (rows - 1 - i) * ch; // input (layer 0) at the bottom
+    const y = rows - 1 - i; // input (layer 0) at the bottom
     for (let j = 0; j < cols; j++) {
-      ctx.fillStyle = color(logOf(grid.values[i][j], grid.log), lo, hi);
-      ctx.fillRect(left + j * cw, y, cw, ch);
+      const c = rgb(logOf(grid.values[i][j], grid.log), lo, hi);
+      const k = 4 * (y * cols + j);
+      pixels.data[k] = c[0];
+      pixels.data[k + 1] = c[1];
+      pixels.data[k + 2] = c[2];
+      pixels.data[k + 3] = 255;
     }
   }
+  const cells = document.createElement('canvas');
+  cells.width = pixels.width;
+  cells.height = pixels.height;
+  cells.getContext('2d').putImageData(pixels, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(cells, left, 0, cols * cw, rows * ch);
   if (grid.relative) outline(ctx, grid, left, cw, ch);
+  if (labels && grid.summary) markVerdicts(ctx, grid, left, cw, ch);
   if (labels) {
     ctx.fillStyle = '#222';
     ctx.font = `${Math.min(12, ch + 2)}px sans-serif`;
@@ -227,6 +288,34 @@ function outline(ctx, grid, left, cw, ch) {
       ctx.strokeStyle = beyond;
       ctx.strokeRect(left + j * cw + 0.75, (rows - 1 - i) * ch + 0.75, cw - 1.5, ch - 1.5);
     }
+  }
+}
+
+// Each verdict's layer, from the step it begins to the last step it held: a bracket on
+// that row, named at its right end.
+function markVerdicts(ctx, grid, left, cw, ch) {
+  const rows = grid.layers.length;
+  for (const v of grid.summary.verdicts || []) {
+    const i = grid.layers.indexOf(v.layer);
+    if (i < 0 || v.step === null || v.step === undefined) continue;
+    const until = (v.evidence && v.evidence.until) ?? v.step;
+    const j0 = grid.steps.findIndex((s) => s >= v.step);
+    let j1 = grid.steps.findIndex((s) => s > until);
+    j1 = j1 < 0 ? grid.steps.length - 1 : Math.max(j0, j1 - 1);
+    if (j0 < 0) continue;
+    const y = (rows - 1 - i) * ch;
+    ctx.strokeStyle = '#ffffff';
+    ctx.lineWidth = 3;
+    ctx.strokeRect(left + j0 * cw + 1, y + 1, (j1 - j0 + 1) * cw - 2, ch - 2);
+    ctx.strokeStyle = '#000000';
+    ctx.lineWidth = 1;
+    ctx.setLineDash([4, 2]);
+    ctx.strokeRect(left + j0 * cw + 1, y + 1, (j1 - j0 + 1) * cw - 2, ch - 2);
+    ctx.setLineDash([]);
+    ctx.fillStyle = '#222';
+    ctx.font = 'bold 12px sans-serif';
+    ctx.textBaseline = 'middle';
+    ctx.fillText(v.kind, left + grid.steps.length * cw + 6, y + ch / 2);
   }
 }
 
@@ -304,16 +393,20 @@ function showProfile(j) {
   if (!grid || !target) return;
   document.getElementById('step-label').textContent = `${grid.steps[j]}`;
   const points = grid.values.map((row, i) => [i, logOf(row[j], grid.log)]);
-  target.replaceChildren(lineChart(points, grid.layers, grid.label));
+  const theory = grid.summary && grid.summary.theory;
+  const predicted = theory && grid.quantity === 'signal_bwd' && grid.relative &&
+    theory.signal_bwd && theory.signal_bwd.length === grid.layers.length
+    ? theory.signal_bwd.map((v, i) => [i, logOf(v, true)]) : null;
+  target.replaceChildren(lineChart(points, grid.layers, grid.label, predicted));
   target.dataset.step = grid.steps[j];
   target.dataset.values = JSON.stringify(grid.values.map((row) => row[j]));
 }
 
-function lineChart(points, names, label) {
+function lineChart(points, names, label, predicted = null) {
   const W = 640;
   const H = 220;
   const pad = {l: 60, r: 10, t: 10, b: 40};
-  const ys = points.map((p) => p[1]).filter((y) => y !== null);
+  const ys = [...points, ...(predicted || [])].map((p) => p[1]).filter((y) => y !== null);
   const lo = ys.length ? Math.floor(Math.min(...ys)) : 0;
   const hi = ys.length ? Math.max(lo + 1, Math.ceil(Math.max(...ys))) : 1;
   const n = Math.max(points.length - 1, 1);
@@ -329,6 +422,13 @@ function lineChart(points, names, label) {
   svg.appendChild(svgEl('path', {d: path, fill: 'none', stroke: '#1a386f', 'stroke-width': 2}));
   for (const [i, y] of points) {
     if (y !== null) svg.appendChild(svgEl('circle', {cx: X(i), cy: Y(y), r: 3, fill: '#1a386f'}));
+  }
+  if (predicted) {
+    const theory = predicted.filter((p) => p[1] !== null).map((p, k) =>
+      `${k ? 'L' : 'M'}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join('');
+    svg.appendChild(svgEl('path', {d: theory, fill: 'none', stroke: '#c0632b',
+      'stroke-width': 2, 'stroke-dasharray': '6 4', 'data-series': 'theory'}));
+    svg.appendChild(svgText('dashed: mean-field prediction at init', W - pad.r, pad.t + 12, 'end'));
   }
   svg.appendChild(svgText(names[0], pad.l, H - 22, 'start'));
   svg.appendChild(svgText(names[names.length - 1], W - pad.r, H - 22, 'end'));
@@ -353,14 +453,30 @@ async function timeSection(run) {
 }
 
 // --- a sweep side by side ------------------------------------------------------------
-async function drawSweep(main) {
+async function drawSweep(main, current) {
   const needle = state.filter.toLowerCase();
   const names = Object.keys(state.runs).sort().filter((n) => n.toLowerCase().includes(needle));
-  const grids = await Promise.all(names.map(async (run) => {
-    const info = state.runs[run];
-    const quantity = info.quantities.includes(state.quantity) ? state.quantity : info.quantities[0];
-    return transform(await getJSON(`./heatmap?${new URLSearchParams({run, quantity})}`));
-  }));
+  // Every run's grid, kept while the quantity stays (filtering is local). The first
+  // screen's runs come first, in a request of their own: drawn while the rest load.
+  let sweep = state.sweep;
+  if (!sweep || sweep.quantity !== state.quantity) {
+    sweep = state.sweep = {quantity: state.quantity, grids: {}, complete: false};
+    const first = names.slice(0, FIRST_SCREEN);
+    const query = new URLSearchParams([['quantity', state.quantity], ...first.map((r) => ['run', r])]);
+    const asked = state.firstScreen && !needle && state.quantity === 'signal_bwd'
+      ? state.firstScreen : getJSON(`./heatmaps?${query}`);
+    state.firstScreen = null;
+    Object.assign(sweep.grids, (await asked).grids);
+    if (current()) drawCards(main, names, sweep);
+    const all = await getJSON(`./heatmaps?${new URLSearchParams({quantity: state.quantity})}`);
+    Object.assign(sweep.grids, all.grids);
+    sweep.complete = true;
+  }
+  if (current()) drawCards(main, names, sweep);
+}
+
+function drawCards(main, names, sweep) {
+  const grids = names.filter((run) => sweep.grids[run]).map((run) => transform(sweep.grids[run]));
   const [lo, hi] = range(grids);
   const cards = grids.map((grid) => {
     const card = el('figure', {class: 'card', 'data-run': grid.run},
@@ -374,11 +490,13 @@ async function drawSweep(main) {
     };
     return card;
   });
+  const loading = sweep.complete ? '' : ` (${names.length - grids.length} more loading)`;
   main.replaceChildren(
-    el('p', {class: 'what'}, `${names.length} runs, one colour scale; each: layers (input at the ` +
-      'bottom) x logged steps; outlined: beyond the verdict thresholds. Click a run to open it.'),
+    el('p', {class: 'what'}, `${names.length} runs${loading}, one colour scale; each: layers ` +
+      '(input at the bottom) x logged steps; outlined: beyond the verdict thresholds. ' +
+      'Click a run to open it.'),
     colorbar(lo, hi, grids[0] ? grids[0].label : ''),
-    el('div', {id: 'sweep'}, ...cards));
+    el('div', {id: 'sweep', ...(sweep.complete ? {'data-complete': ''} : {})}, ...cards));
 }
 
 function verdictLine(run) {
@@ -442,6 +560,8 @@ const STYLE = `
   .card button { border: none; background: none; color: #1a386f; text-decoration: underline;
     cursor: pointer; padding: 0; text-align: left; }
   .verdicts { display: block; color: #444; }
-  #verdicts { white-space: pre-wrap; font-size: 12px; }
+  #verdicts { border-collapse: collapse; font-size: 13px; }
+  #verdicts th, #verdicts td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+  .status { font-weight: 600; margin: 2px 0; }
   #step { width: 640px; }
 `;
