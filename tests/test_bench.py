@@ -4,6 +4,7 @@ measured by hand on a quiet machine, never asserted)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,19 @@ def test_kernel_paths_script_runs_a_table_under_each_path(tmp_path: Path):
     results = json.loads(out.read_text())
     assert [r["path"] for r in results] == ["native", "default"], results
     assert all(r["loss/test"] > 0 and r["verdicts"] for r in results), results
+
+
+@pytest.mark.slow
+def test_plugin_benchmark_times_the_tab_in_a_browser(tmp_path: Path):
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no Chromium here (apt-get install -y chromium)")
+    script = REPO_ROOT / "scripts" / "bench_plugin.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--runs", "3", "--layers", "4", "--steps", "5",
+         "--repeats", "1"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for view in ("first screen drawn", "every run drawn", "one run opened"):
+        assert view in proc.stdout, proc.stdout

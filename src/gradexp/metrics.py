@@ -1,19 +1,22 @@
 """Where a run's numbers go: a small logger protocol with TensorBoard and null
 implementations, and what TensorBoard shows derived from the probes' declarations:
-the tags of a step record, the Custom Scalars layout, the HParams columns and the
+the tags of a step record, the Custom Scalars layout, the HParams experiment and the
 Markdown tables."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from tensorboard.compat.proto.summary_pb2 import Summary
+from google.protobuf import struct_pb2
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from gradexp.record import Quantity, StepRecord
 from gradexp.verdicts import KINDS, describe
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
 
 
 class MetricLogger(Protocol):
+    """Where a run's numbers go. ``hparams``: the run's HParams columns (``hparams_of``,
+    status, verdicts) and the metrics it reports (``Tags.metric_tags``)."""
+
     def scalars(self, values: dict[str, float], step: int) -> None: ...
     def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
@@ -85,19 +91,11 @@ class TensorBoardLogger:
         self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
-        # Into this run's own event file (add_hparams would open a timestamped sub-run);
-        # the HParams tab reads each metric's last value from the scalars of the run.
-        # Booleans as "true"/"false": torch's hparams() would write them as numbers (1/0),
-        # while strings give the HParams tab a discrete filter.
-        clean = {
-            k: str(v).lower()
-            if isinstance(v, bool)
-            else v
-            if isinstance(v, (int, float, str))
-            else str(v)
-            for k, v in hparams.items()
-        }
-        for summary in hparams_summary(clean, {tag: math.nan for tag in metric_tags}):
+        """The HParams experiment (the same in every run, see ``hparams_experiment``) and
+        this run's session, into this run's own event file (add_hparams would open a
+        timestamped sub-run). The metric values are the ``hparams/<tag>`` scalars
+        (``hparams_metrics``), logged with the others."""
+        for summary in hparams_summaries(hparams, metric_tags):
             self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
@@ -208,13 +206,269 @@ def verdict_hparams(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"verdicts": ",".join(kinds), **{f"verdict/{k}": k in kinds for k in KINDS}}
 
 
+def run_hparams(cfg: Config, status: str, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A finished run's HParams columns: its choices, its status and its verdicts."""
+    return {**hparams_of(cfg), "status": status, **verdict_hparams(verdicts)}
+
+
+# --- the HParams tab ------------------------------------------------------------------
+#
+# TensorBoard's HParams plugin (2.x) reads the experiment, the list of columns, from the
+# first run it finds with one (backend_context._find_experiment_tag: "arbitrarily pick
+# the first one"), and each session's metric value as the last scalar of the metric's tag
+# in that run. So every run writes the same experiment: every column any run can have
+# (``hparam_columns``) and every metric any run reports (``declared_metric_tags``); a run
+# fills the columns its model lacks with a stand-in, and logs every metric as an
+# ``hparams/<tag>`` scalar that is always finite.
+
+HPARAMS_METRIC = "hparams/"  # the prefix of the scalars the HParams tab reads
+# A column this run's model does not have (an LSTM's depth, an MLP's hidden_size): strings,
+# booleans and lists read "-", numbers -1 (every numeric model key is >= 0 but
+# recurrent_scale and forget_bias, which the model column tells apart).
+NOT_APPLICABLE = "-"
+NOT_APPLICABLE_NUMBER = -1.0
+# hparams/<tag> of a metric without a finite final value: the run diverged (NaN or inf;
+# the status column says so) or never measured it (flow/time_grad_ratio without a
+# recurrent layer, the accuracies of a regression task). Every declared metric (losses,
+# accuracies, first-over-last norm ratios) is >= 0, so -1 is never a real value; it keeps
+# the run in the parallel-coordinates view, which drops a session with a missing or NaN
+# value in any shown column.
+NO_VALUE = -1.0
+FLOAT32_MAX = 3.4028234663852886e38
+# The columns the HParams dashboard shows before any click: it shows five, those marked
+# ``differs`` first (then by name), so these five are marked (see hparams_experiment).
+HEADLINE = ("activation", "init", "model", "status", "verdicts")
+
+ColumnKind = Literal["number", "string", "bool"]
+
+
+def _kind(value: Any) -> ColumnKind:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else "string"
+
+
+@functools.cache
+def hparam_columns() -> dict[str, tuple[ColumnKind, bool]]:
+    """Every HParams column a run can have: key -> (kind, whether every run has it).
+
+    Read off ``run_hparams`` itself, over a config of each model family in
+    gradexp.config.SCHEMAS (the other groups' defaults: only the model's keys vary).
+    """
+    from gradexp.config import SCHEMAS, Config
+
+    others = {group: next(iter(kinds.values()))() for group, kinds in SCHEMAS.items()}
+    rows = [
+        run_hparams(Config(**{**others, "model": schema()}), "", [])
+        for schema in SCHEMAS["model"].values()
+    ]
+    kinds: dict[str, ColumnKind] = {}
+    for row in rows:
+        for key, value in row.items():
+            kind = kinds.setdefault(key, _kind(value))
+            if kind != _kind(value):  # a key typed differently in two families
+                kinds[key] = "string"
+    everywhere = set.intersection(*(set(row) for row in rows))
+    return {key: (kind, key in everywhere) for key, kind in kinds.items()}
+
+
+@functools.cache
+def declared_quantities() -> tuple[Quantity, ...]:
+    """Every quantity a run can declare, without a model: ``default_probes`` built over a
+    stand-in of one recurrent layer, in each variant that changes what the probes declare
+    (classification or regression, fp16 or not, each clip mode)."""
+    import torch
+    from torch import nn
+
+    from gradexp.clipping import CLIP_MODES
+    from gradexp.probes import default_probes
+    from gradexp.telemetry import LayerMap
+
+    class Recurrent(nn.Module):
+        traceable = True  # the time probe traces it
+
+    layers = LayerMap(["00_x"], ["x"], [Recurrent()], [], [], [], torch.zeros(0, dtype=torch.long))
+    out: dict[str, Quantity] = {}
+    for regression in (False, True):
+        for amp in (False, True):
+            for clip in CLIP_MODES:
+                probes = default_probes(
+                    layers=layers,
+                    data=SimpleNamespace(spec=SimpleNamespace(regression=regression)),
+                    scaler=SimpleNamespace(is_enabled=lambda amp=amp: amp),
+                    clip=SimpleNamespace(
+                        cfg=SimpleNamespace(name=clip), stats=CLIP_MODES.get(clip).stats
+                    ),
+                    evaluate=lambda: None,
+                    buffers=None,
+                    device=torch.device("cpu"),
+                    start_step=0,
+                    per_param=True,
+                    time_samples=0,
+                    sustain=1,
+                )
+                for q in (q for p in probes for q in p.quantities):
+                    out.setdefault(q.name, q)
+    return tuple(out.values())
+
+
+def _metric_rank(tag: str) -> int:
+    # The HParams dashboard shows the first five metrics: the test set's, then the flow.
+    return 0 if tag.endswith("/test") else 1 if tag.startswith("flow/") else 2
+
+
+@functools.cache
+def declared_metric_tags() -> tuple[str, ...]:
+    """Every metric any run reports (``Tags.metric_tags`` of ``declared_quantities``):
+    the test set's first, then the first-over-last ratios, then the training batch's."""
+    tags = Tags(declared_quantities(), [], [], []).metric_tags()
+    return tuple(sorted(tags, key=_metric_rank))  # stable: declaration order within
+
+
+def _metric_tags(metric_tags: Iterable[str]) -> list[str]:
+    """The declared metrics, and any a run's own probes add."""
+    return list(dict.fromkeys([*declared_metric_tags(), *metric_tags]))
+
+
+def hparams_metrics(
+    finals: dict[str, float | None], metric_tags: Iterable[str]
+) -> dict[str, float]:
+    """The ``hparams/<tag>`` scalars the HParams tab reads, one per metric of the
+    experiment: the run's final value (summary.json's ``metrics``), or ``NO_VALUE`` when
+    it has none that is finite (as a float32: what TensorBoard stores)."""
+    out = {}
+    for tag in _metric_tags(metric_tags):
+        value = finals.get(tag)
+        # TensorBoard keeps a scalar as float32: a larger float64 would read as inf.
+        finite = value is not None and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+        out[HPARAMS_METRIC + tag] = float(value) if finite else NO_VALUE  # type: ignore[arg-type]
+    return out
+
+
+def _columns(hparams: dict[str, Any]) -> dict[str, tuple[ColumnKind, bool]]:
+    """The declared columns, and any this run has beside them (a model of its own)."""
+    declared = hparam_columns()
+    extra = {k: (_kind(v), False) for k, v in hparams.items() if k not in declared}
+    return {**declared, **extra}
+
+
+def hparams_experiment(hparams: dict[str, Any], metric_tags: Iterable[str]) -> api_pb2.Experiment:
+    """The HParams experiment: the same in every run (``hparam_columns`` and
+    ``declared_metric_tags``), so whichever run TensorBoard reads it from, every run's
+    columns are there. Only a run with keys or metrics of its own (a model or probe
+    added in code) adds them to its copy.
+
+    Numbers are FLOAT64 columns, the rest strings; a boolean column lists its values
+    (true, false and the stand-in), which gives the dashboard a checkbox filter. The
+    ``HEADLINE`` columns are marked ``differs``: TensorBoard lists those first, and its
+    HParams dashboard shows the first five.
+    """
+    infos = []
+    for key, (kind, everywhere) in _columns(hparams).items():
+        info = api_pb2.HParamInfo(
+            name=key,
+            type=api_pb2.DATA_TYPE_FLOAT64 if kind == "number" else api_pb2.DATA_TYPE_STRING,
+            differs=key in HEADLINE,
+        )
+        if not everywhere:
+            stand_in = f"{NOT_APPLICABLE_NUMBER:g}" if kind == "number" else f'"{NOT_APPLICABLE}"'
+            info.description = f"{stand_in}: this run's model has no {key}"
+        if kind == "bool":
+            values = ["true", "false"] + ([] if everywhere else [NOT_APPLICABLE])
+            info.domain_discrete.extend(values)
+        infos.append(info)
+    metrics = [
+        api_pb2.MetricInfo(
+            name=api_pb2.MetricName(tag=HPARAMS_METRIC + tag),
+            description=f"the final {tag}; {NO_VALUE:g}: none that is finite (diverged or"
+            " not measured)",
+        )
+        for tag in _metric_tags(metric_tags)
+    ]
+    return api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+
+
+def _cell(value: Any) -> struct_pb2.Value:
+    if isinstance(value, bool):
+        return struct_pb2.Value(string_value=str(value).lower())
+    if isinstance(value, (int, float)):
+        return struct_pb2.Value(number_value=value)
+    return struct_pb2.Value(string_value=str(value))
+
+
+def hparams_session(hparams: dict[str, Any]) -> dict[str, struct_pb2.Value]:
+    """The run's value in every column of the experiment: its own (booleans as
+    "true"/"false", lists as text), the stand-in where its model has no such key."""
+    out = {}
+    for key, (kind, _) in _columns(hparams).items():
+        if key in hparams and hparams[key] is not None:
+            value = hparams[key]
+            if kind == "string" and not isinstance(value, str):
+                value = str(value)  # a column typed as text in another family
+        else:
+            value = NOT_APPLICABLE_NUMBER if kind == "number" else NOT_APPLICABLE
+        out[key] = _cell(value)
+    return out
+
+
+def _plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    data.version = metadata.PLUGIN_DATA_VERSION
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()
+        )
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def hparams_summaries(hparams: dict[str, Any], metric_tags: Iterable[str]) -> list[Summary]:
+    """The three summaries of the HParams plugin: the experiment, the session's start
+    (its hparams) and end (success: the status column says how the run ended)."""
+    start = plugin_data_pb2.SessionStartInfo()
+    for key, value in hparams_session(hparams).items():
+        start.hparams[key].CopyFrom(value)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+    experiment = hparams_experiment(hparams, metric_tags)
+    return [
+        _plugin_summary(
+            metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)
+        ),
+        _plugin_summary(
+            metadata.SESSION_START_INFO_TAG,
+            plugin_data_pb2.HParamsPluginData(session_start_info=start),
+        ),
+        _plugin_summary(
+            metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)
+        ),
+    ]
+
+
+# --- Markdown ---------------------------------------------------------------------------
+
+
+def markdown_cell(text: Any) -> str:
+    """``text`` as one cell of a Markdown table (GitHub-flavoured, and Python-Markdown's
+    tables, which TensorBoard's text tab renders): a backslash and a pipe escaped (an
+    unescaped ``|``, as in ``||dL/dh_t||``, ends the cell), a line break as ``<br>``."""
+    text = str(text).replace("\\", "\\\\").replace("|", "\\|")
+    return "<br>".join(text.splitlines()) if text else text
+
+
+def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A Markdown table, every cell escaped (``markdown_cell``)."""
+
+    def line(cells: Iterable[Any]) -> str:
+        return "| " + " | ".join(markdown_cell(c) for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def verdict_markdown(verdicts: list[dict[str, Any]]) -> str:
     rows = [
-        f"| {v['kind']} | {v['layer'] or '-'} | {'-' if v['step'] is None else v['step']}"
-        f" | {describe(v)} |"
+        [v["kind"], v["layer"] or "-", "-" if v["step"] is None else v["step"], describe(v)]
         for v in verdicts
     ]
-    return "\n".join(["| verdict | layer | step | evidence |", "|---|---|---|---|", *rows])
+    return markdown_table(["verdict", "layer", "step", "evidence"], rows)
 
 
 def theory_markdown(layers: list[str], theory: dict[str, Any], measured: StepRecord) -> str:
@@ -223,14 +477,14 @@ def theory_markdown(layers: list[str], theory: dict[str, Any], measured: StepRec
     fwd, bwd = measured.layer("signal_fwd", len(layers)), measured.layer("signal_bwd", len(layers))
     head = bwd[-1]
     rows = [
-        f"| {name} | {theory['signal_fwd'][i]:.3g} | {fwd[i]:.3g}"
-        f" | {theory['signal_bwd'][i] * head:.3g} | {bwd[i]:.3g} |"
+        [
+            name,
+            f"{theory['signal_fwd'][i]:.3g}",
+            f"{fwd[i]:.3g}",
+            f"{theory['signal_bwd'][i] * head:.3g}",
+            f"{bwd[i]:.3g}",
+        ]
         for i, name in enumerate(layers)
     ]
-    return "\n".join(
-        [
-            "| layer | fwd, theory | fwd, measured | bwd, theory | bwd, measured |",
-            "|---|---|---|---|---|",
-            *rows,
-        ]
-    )
+    header = ["layer", "fwd, theory", "fwd, measured", "bwd, theory", "bwd, measured"]
+    return markdown_table(header, rows)

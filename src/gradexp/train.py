@@ -39,9 +39,10 @@ from gradexp.metrics import (
     MetricLogger,
     Tags,
     TensorBoardLogger,
+    hparams_metrics,
     hparams_of,
+    run_hparams,
     theory_markdown,
-    verdict_hparams,
     verdict_markdown,
 )
 from gradexp.models import create_model
@@ -597,10 +598,11 @@ class Trainer:
         """hparams, verdicts and the figure to TensorBoard (and the figure's PNG)."""
         text = summary_text(result)
         try:
-            hparams = {**hparams_of(self.cfg), "status": result["status"]}
-            self.logger.hparams(
-                {**hparams, **verdict_hparams(result["verdicts"])}, self.tags.metric_tags()
-            )
+            metric_tags = self.tags.metric_tags()
+            hparams = run_hparams(self.cfg, result["status"], result["verdicts"])
+            self.logger.hparams(hparams, metric_tags)
+            # What the HParams tab reads as each metric: finite, the same tags in every run.
+            self.logger.scalars(hparams_metrics(result["metrics"], metric_tags), result["steps"])
             self.logger.text("run/verdicts", verdict_markdown(result["verdicts"]), result["steps"])
             self.logger.text("run/summary", f"```\n{text}```", result["steps"])
             try:

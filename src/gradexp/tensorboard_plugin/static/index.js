@@ -134,7 +134,7 @@ function verdictTable(markdown) {
   if (!markdown) return el('p', {id: 'verdicts'}, 'no verdicts logged yet');
   const rows = markdown.trim().split('\n').filter((line) => !/^\|[-| ]+\|$/.test(line))
     .map((line) => line.replace(/^\|\s*|\s*\|$/g, '').split(/\s*(?<!\\)\|\s*/)
-      .map((cell) => cell.replace(/\\\|/g, '|')));
+      .map((cell) => cell.replace(/<br>/g, '\n').replace(/\\([\\|])/g, '$1')));
   const [head, ...body] = rows;
   return el('table', {id: 'verdicts'},
     el('thead', {}, el('tr', {}, ...head.map((h) => el('th', {}, h)))),
@@ -145,7 +145,7 @@ function describe(grid) {
   const parts = [`${grid.label}: ${grid.layers.length} layers (input at the bottom) x ` +
     `${grid.steps.length} logged steps (${grid.steps[0]}-${grid.steps[grid.steps.length - 1]})`];
   if (grid.relative) {
-    parts.push(`outlined: below ${VANISHING} of the head (vanishing, magenta) or above ` +
+    parts.push(`contours: below ${VANISHING} of the head (vanishing, magenta) or above ` +
       `${EXPLODING} (exploding, black)`);
   }
   return parts.join('; ');
@@ -275,19 +275,33 @@ function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 42
   return canvas;
 }
 
-// The cells beyond a verdict's threshold get a border: where and from when at a glance.
+// The verdicts' thresholds as contours: the edges between cells beyond a threshold and
+// cells that are not (vanishing magenta, exploding black), so the starved region reads
+// as one outlined area, from the layer and step where it begins.
 function outline(ctx, grid, left, cw, ch) {
   const rows = grid.layers.length;
-  ctx.lineWidth = 1.5;
-  for (let i = 0; i < rows - 1; i++) { // the head is 1 by construction
-    for (let j = 0; j < grid.steps.length; j++) {
-      const v = grid.values[i][j];
-      if (v === null) continue;
-      const beyond = v < VANISHING ? '#d81b60' : v > EXPLODING ? '#000000' : null;
-      if (!beyond) continue;
-      ctx.strokeStyle = beyond;
-      ctx.strokeRect(left + j * cw + 0.75, (rows - 1 - i) * ch + 0.75, cw - 1.5, ch - 1.5);
+  const cols = grid.steps.length;
+  const kind = (i, j) => {
+    if (i < 0 || i >= rows - 1 || j < 0 || j >= cols) return 0; // the head is 1 by construction
+    const v = grid.values[i][j];
+    return v === null ? 0 : v < VANISHING ? 1 : v > EXPLODING ? 2 : 0;
+  };
+  ctx.lineWidth = 2;
+  for (const [k, stroke] of [[1, '#d81b60'], [2, '#000000']]) {
+    ctx.strokeStyle = stroke;
+    ctx.beginPath();
+    for (let i = 0; i < rows - 1; i++) {
+      const top = (rows - 1 - i) * ch; // row i is drawn from here down to top + ch
+      for (let j = 0; j < cols; j++) {
+        if (kind(i, j) !== k) continue;
+        const x = left + j * cw;
+        if (kind(i + 1, j) !== k) { ctx.moveTo(x, top); ctx.lineTo(x + cw, top); }
+        if (kind(i - 1, j) !== k) { ctx.moveTo(x, top + ch); ctx.lineTo(x + cw, top + ch); }
+        if (kind(i, j - 1) !== k) { ctx.moveTo(x, top); ctx.lineTo(x, top + ch); }
+        if (kind(i, j + 1) !== k) { ctx.moveTo(x + cw, top); ctx.lineTo(x + cw, top + ch); }
+      }
     }
+    ctx.stroke();
   }
 }
 
@@ -493,7 +507,7 @@ function drawCards(main, names, sweep) {
   const loading = sweep.complete ? '' : ` (${names.length - grids.length} more loading)`;
   main.replaceChildren(
     el('p', {class: 'what'}, `${names.length} runs${loading}, one colour scale; each: layers ` +
-      '(input at the bottom) x logged steps; outlined: beyond the verdict thresholds. ' +
+      '(input at the bottom) x logged steps; contours: beyond the verdict thresholds. ' +
       'Click a run to open it.'),
     colorbar(lo, hi, grids[0] ? grids[0].label : ''),
     el('div', {id: 'sweep', ...(sweep.complete ? {'data-complete': ''} : {})}, ...cards));
@@ -561,7 +575,8 @@ const STYLE = `
     cursor: pointer; padding: 0; text-align: left; }
   .verdicts { display: block; color: #444; }
   #verdicts { border-collapse: collapse; font-size: 13px; }
-  #verdicts th, #verdicts td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+  #verdicts th, #verdicts td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left;
+    white-space: pre-line; }
   .status { font-weight: 600; margin: 2px 0; }
   #step { width: 640px; }
 `;
