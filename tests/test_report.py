@@ -203,7 +203,7 @@ def test_csv_reads_back_as_the_table(outputs: Path, tmp_path: Path) -> None:
     assert read[0] == columns
     expected = []
     for row in rows:
-        values = report.row_values(row)
+        values = report.row_values(row, columns)
         expected.append(["" if values.get(c) is None else str(values[c]) for c in columns])
     # str() of a float is its shortest exact form: full precision, not the table's 3 digits
     assert read[1:] == expected
@@ -465,3 +465,23 @@ def test_png_is_the_grid_up_to_max_panels(tmp_path: Path) -> None:
     told = report.flow_png(rows, report.varying(rows), summary, sort="optim.lr")
     assert told is not None and "25 runs" in told and "coloured by optim.lr" in told
     assert _png_size(summary) == (1200, 900)
+
+
+def test_a_key_a_run_did_not_set_shows_its_effective_value(tmp_path: Path) -> None:
+    # One run sets init and activation, the other leaves both at their defaults: the
+    # report reads the defaults from the run's composed config, not "-".
+    for name, extra in (("set", ["init=xavier_normal", "activation=relu"]), ("default", [])):
+        proc = run_cli(
+            ["train", *TINY, *extra, f"hydra.run.dir={tmp_path / 'runs' / name}"], tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+    rows = report.load_runs([tmp_path / "runs"])
+    assert report.varying(rows) == ["init", "activation"]
+    columns = report.table_columns(rows)
+    by_run = {row.name: report.row_values(row, columns) for row in rows}
+    assert by_run["default"]["init"] == "normal" and by_run["default"]["activation"] == "sigmoid"
+    assert by_run["set"]["init"] == "xavier_normal"
+    # Only what differs is a column (both ran TINY's model.depth=3).
+    assert "model.depth" not in columns
+    assert report.setting(rows[0], "model.width") == "8"
+    assert report.setting(rows[0], "model.hidden_size") is None  # an MLP has none

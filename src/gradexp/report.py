@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -95,6 +96,9 @@ MAX_COLORBAR_LABELS = 12
 TITLE_CHARS = 48
 # Line style per quantity, color per step (viridis ends, as in the per-run figure).
 FLOW_LINES = (("signal_bwd", "-", "backward signal"), ("grad_norm", "--", "‖∂L/∂W‖"))
+# Both quantities are drawn relative to the run's head (the last layer) at the same step:
+# dimensionless, so they share one log axis, and every panel shares it.
+RELATIVE_LABEL = "÷ the head's (log scale)"
 FLOW_STEPS = (("first", 0.0, "step 0"), ("last", figures.CMAP_TOP, "last step"))
 
 
@@ -189,6 +193,50 @@ def read_overrides(run: Path) -> dict[str, str]:
     return overrides
 
 
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+
+
+@functools.lru_cache(maxsize=4096)
+def _job_config(run: Path) -> dict[str, Any] | None:
+    """The run's composed config (.hydra/config.yaml), None when missing or unreadable.
+    Read only for a key a run did not set on its command line (a sweep whose runs all
+    set the same keys reads none)."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        loaded = yaml.load((run / CONFIG_FILE).read_text(), Loader=loader)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _as_override(value: Any) -> str:
+    """A config value written as an override would write it: true, 0.01, [1, 2]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    return str(value)
+
+
+def setting(row: RunRow, key: str) -> str | None:
+    """The run's value of ``key``: its override, else what its composed config says (the
+    effective default: init=normal for a run that did not set init), else None (the run
+    has no such key: an LSTM's model.depth)."""
+    if key in row.overrides:
+        return row.overrides[key]
+    config = _job_config(row.path)
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, dict):  # a config group: its option's name (init -> normal)
+        node = node.get("name")
+    return None if node is None else _as_override(node)
+
+
 def _describe(summary: dict[str, Any]) -> str | None:
     """The note for a run with a readable summary, or None when it needs none."""
     status = summary["status"]
@@ -259,7 +307,9 @@ def load_runs(paths: Iterable[Path | str]) -> list[RunRow]:
 
 
 def varying(rows: Sequence[RunRow]) -> list[str]:
-    """The override keys whose value is not the same in all runs (absent counts as a value).
+    """The override keys whose value is not the same in all runs: a run that did not set
+    the key counts with its effective value (see ``setting``), one without the key as
+    missing.
 
     Returns:
         The keys in the order they first appear; never hydra.* or execution-only keys.
@@ -270,7 +320,7 @@ def varying(rows: Sequence[RunRow]) -> list[str]:
         for k in keys
         if k not in EXECUTION_KEYS
         and not k.startswith(IGNORED_PREFIX)
-        and len({row.overrides.get(k) for row in rows}) > 1
+        and len({setting(row, k) for row in rows}) > 1
     ]
 
 
@@ -309,10 +359,12 @@ def verdict_kinds(summary: dict[str, Any] | None) -> list[str]:
     return list(dict.fromkeys(k for v in verdicts if isinstance(k := _field(v, "kind"), str)))
 
 
-def row_values(row: RunRow) -> dict[str, Any]:
+def row_values(row: RunRow, keys: Sequence[str] | None = None) -> dict[str, Any]:
     """Every column's value for the run: str, int, float or None (missing).
 
-    Override keys the run does not have are absent from the dict, i.e. missing.
+    ``keys``: the override columns shown; a key the run did not set gets its effective
+    value from the run's composed config. Keys the run does not have at all are absent
+    from the dict, i.e. missing.
     """
     s = row.summary
     values: dict[str, Any] = {"run": row.name, **row.overrides}
@@ -327,6 +379,9 @@ def row_values(row: RunRow) -> dict[str, Any]:
     for column, when in TIME_RATIOS.items():
         values[column] = _number(_field(s, "time", 0, "ratio", when))
     values["verdicts"] = ",".join(verdict_kinds(s)) or None
+    for key in keys or ():
+        if key not in values and (value := setting(row, key)) is not None:
+            values[key] = value  # the effective value of a key the run did not set
     return values
 
 
@@ -352,7 +407,7 @@ def sort_rows(rows: Sequence[RunRow], key: str, descending: bool = False) -> lis
     """
     present, missing = [], []
     for row in rows:
-        value = row_values(row).get(key)
+        value = row_values(row, [key]).get(key)
         (missing if value is None else present).append((value, row))
     present.sort(key=lambda pair: _sort_key(pair[0]), reverse=descending)
     return [row for _, row in present + missing]
@@ -398,7 +453,7 @@ def rich_table(
         else:
             table.add_column(header, overflow="fold")
     for row in rows:
-        values = row_values(row)
+        values = row_values(row, columns)
         table.add_row(*(_rich_cell(c, values.get(c)) for c in columns))
     if width is not None:
         excess = natural_width(table) - width
@@ -423,7 +478,7 @@ def write_csv(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> Non
     writer = csv.writer(text)
     writer.writerow(columns)
     for row in rows:
-        values = row_values(row)
+        values = row_values(row, columns)
         writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
     write_text_atomic(path, text.getvalue())  # a reader never sees half a table
 
@@ -435,7 +490,7 @@ def markdown_table(rows: Sequence[RunRow], columns: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     align = "|" + "".join("---:|" if c in NUMERIC else "---|" for c in columns)
-    body = [line(_cell(row_values(row).get(c)) for c in columns) for row in rows]
+    body = [line(_cell(row_values(row, columns).get(c)) for c in columns) for row in rows]
     return "\n".join([line(columns), align, *body])
 
 
@@ -449,7 +504,7 @@ def write_markdown(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -
 def panel_title(row: RunRow, keys: Sequence[str]) -> str:
     """A run's --png panel title: its varying overrides (else its name), then status and
     verdict kinds."""
-    shown = " ".join(f"{k}={row.overrides[k]}" for k in keys if k in row.overrides)
+    shown = " ".join(f"{k}={v}" for k in keys if (v := setting(row, k)) is not None)
     outcome = ": ".join([row.status, *filter(None, [",".join(verdict_kinds(row.summary))])])
     return "\n".join([textwrap.fill(shown or row.name, TITLE_CHARS), outcome])
 
@@ -460,12 +515,46 @@ def grid_shape(panels: int) -> tuple[int, int]:
     return math.ceil(max(panels, 1) / columns), columns
 
 
+def _to_head(values: list[float | None]) -> list[float | None]:
+    """Each layer's value over the head's (the last layer's); None where either is
+    missing or the head's is not positive."""
+    head = values[-1] if values else None
+    if head is None or not head > 0 or not math.isfinite(head):
+        return [None] * len(values)
+    return [None if v is None else v / head for v in values]
+
+
+def _shared_log_y(axes: Sequence[Any]) -> None:
+    """One log y range for all ``axes``: what one panel shows reads the same in all."""
+    ys = [
+        y
+        for ax in axes
+        for line in ax.get_lines()
+        for y in line.get_ydata()
+        if y is not None and not math.isnan(y) and y > 0
+    ]
+    if not ys:
+        for ax in axes:
+            figures._finish_log_axis(ax)  # the "no finite values" note
+        return
+    lo, hi = math.log10(min(ys)), math.log10(max(ys))
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    limits = (
+        10.0 ** max(lo - pad, -figures.LOG_LIMIT),
+        10.0 ** min(hi + pad, figures.LOG_LIMIT),
+    )
+    for ax in axes:
+        ax.set_ylim(*limits)
+        ax.set_yscale("log")
+
+
 def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> None:
     """One PNG with every run's gradient flow, a small panel per run, in the rows' order.
 
-    Each panel: x = layer in depth order; log y = the backward signal (solid) and the
-    parameter-gradient norm (dashed) at step 0 and at the last logged step
-    (summary.json's ``layers``). A run without layers gets an empty panel saying so.
+    Each panel: x = layer in depth order; y = the backward signal (solid) and the
+    parameter-gradient norm (dashed), each over the head's, at step 0 and at the last
+    logged step (summary.json's ``layers``), on one log axis shared by every panel. A run
+    without layers gets an empty panel saying so.
     The PNG is PANEL_WIDTH x PANEL_HEIGHT inches a panel, PANELS_PER_ROW to a row, plus
     LEGEND_HEIGHT, at DPI.
 
@@ -497,7 +586,7 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
         x = range(len(layers))
         for quantity, style, label in FLOW_LINES:
             for when, shade, step_label in FLOW_STEPS:
-                ys = [_number(_field(layer, quantity, when)) for layer in layers]
+                ys = _to_head([_number(_field(layer, quantity, when)) for layer in layers])
                 ax.plot(
                     x,
                     figures._positive(ys),
@@ -512,8 +601,12 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
         figures._layer_ticks(ax, names)
         ax.xaxis.label.set_fontsize(7)
         ax.tick_params(axis="y", which="both", labelsize=7)
-        figures._finish_log_axis(ax)
         ax.grid(True, which="major", alpha=0.3)
+    drawn = [ax for ax in axes[: len(rows)] if ax.get_lines()]
+    _shared_log_y(drawn)
+    for i, ax in enumerate(axes[: len(rows)]):
+        if ax in drawn and i % n_cols == 0:
+            ax.set_ylabel(RELATIVE_LABEL, fontsize=8)
     for ax in axes[len(rows) :]:
         ax.remove()
     handles = {}
@@ -534,7 +627,7 @@ def color_key(keys: Sequence[str], sort: str | None = None) -> str | None:
 
 
 def _color_value(row: RunRow, key: str | None) -> str | None:
-    return row.status if key is None else row.overrides.get(key)
+    return row.status if key is None else setting(row, key)
 
 
 def _value_order(value: str | None) -> tuple[int, tuple[int, float, str]]:
@@ -547,7 +640,8 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
 
     Four panels: the backward signal and the parameter-gradient norm (rows) at step 0 and
     at the last logged step (columns), each with one line per run (summary.json's
-    ``layers``), log y. x is the layer index when every run has the same layers, else
+    ``layers``), each over the run's head's, on one log y range shared by the four. x
+    is the layer index when every run has the same layers, else
     the relative depth (first layer 0, head 1), so runs of different depths end
     together. Lines are coloured by the run's value of ``color_by``: a legend for up to
     MAX_LEGEND_VALUES values, a colour bar beyond. Each line's gid is its run's name.
@@ -599,7 +693,7 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
             for row, layers in drawn:
                 n = len(layers)
                 x = range(n) if same_layers else [i / (n - 1) if n > 1 else 1.0 for i in range(n)]
-                ys = [_number(_field(layer, quantity, when)) for layer in layers]
+                ys = _to_head([_number(_field(layer, quantity, when)) for layer in layers])
                 ax.plot(
                     x,
                     figures._positive(ys),
@@ -619,15 +713,11 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
             if r < len(FLOW_LINES) - 1:
                 ax.tick_params(axis="x", labelbottom=False)
                 ax.set_xlabel("")
-            figures._finish_log_axis(ax)
+            if c == 0:
+                ax.set_ylabel(RELATIVE_LABEL)
             ax.grid(True, which="major", alpha=0.3)
-        # One y range a row: the same quantity at step 0 and at the last step compare.
-        logs = [ax for ax in grid[r] if ax.get_yscale() == "log"]
-        if len(logs) > 1:
-            lo = min(ax.get_ylim()[0] for ax in logs)
-            hi = max(ax.get_ylim()[1] for ax in logs)
-            for ax in logs:
-                ax.set_ylim(lo, hi)
+    # One log y range for the four panels: both quantities are ratios to the head.
+    _shared_log_y([ax for ax in grid.flatten() if ax.get_lines()])
 
     def label(value: str | None) -> str:
         shown = "-" if value is None else value
