@@ -174,3 +174,29 @@ def test_truncated_bptt_zeros_are_not_vanishing():
 
 def test_kinds_are_the_documented_names():
     assert KINDS == ("healthy", "vanishing", "exploding", "diverged", "dead_units", "saturated")
+
+
+def test_where_and_when_names_the_layers_the_span_and_the_outcome() -> None:
+    from gradexp.config import DiagnoseConfig
+    from gradexp.record import StepRecord
+    from gradexp.verdicts import where_and_when
+
+    names = ["hidden.0", "hidden.1", "hidden.2", "head"]
+
+    def record(step: int, bwd: list[float]) -> StepRecord:
+        return StepRecord(step, {}, {"signal_bwd": bwd})
+
+    starved = [record(0, [1e-4, 1e-3, 0.5, 2.0]), record(10, [1e-3, 0.5, 0.5, 2.0])]
+    healed = [*starved, record(20, [0.5, 0.5, 0.5, 2.0])]
+    cfg = DiagnoseConfig()
+    assert where_and_when(names, healed, cfg) == (
+        "hidden.0-hidden.1 below 1% of the head's backward signal, steps 0-10, recovered"
+    )
+    assert where_and_when(names, starved, cfg).endswith("steps 0-10, to the end")
+    # Relative to the head at each step (2.0 here): 0.03 / 2 = 1.5%, within the band.
+    assert where_and_when(names, [record(0, [0.03, 0.5, 0.5, 2.0])], cfg) is None
+    gaps = where_and_when(names, [record(0, [1e-4, 0.5, 1e-4, 2.0])], cfg)
+    assert gaps.startswith("hidden.0-hidden.2 (2 of 3 layers) below 1%")
+    exploding = where_and_when(names, [record(0, [500.0, 1.0, 1.0, 1.0])], cfg)
+    assert exploding == "hidden.0 above 100x the head's backward signal, step 0, to the end"
+    assert where_and_when(names, [], cfg) is None

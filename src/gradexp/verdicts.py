@@ -341,3 +341,50 @@ def describe(verdict: dict[str, Any]) -> str:
         f"{g(e['fraction'])} of units dead and never recovered (>= {g(e['threshold'])}) in"
         f" {e['layers_over']} layer(s); {g(e['ever'])} ever died"
     )
+
+
+def where_and_when(
+    layers: Sequence[str], records: Sequence[StepRecord], cfg: DiagnoseConfig
+) -> str | None:
+    """Where and until when the backward signal left the verdicts' band, in words, for a
+    figure's title: "hidden.0-hidden.7 below 1% of the head's backward signal, steps
+    0-999, to the end" ("recovered" when it came back before the last logged step; "above
+    100x" for the exploding side). None when every layer stayed within the band.
+
+    Each logged step compares every layer's backward signal with the head's (the last
+    layer's) at that step, against ``cfg.vanishing_ratio`` and ``cfg.exploding_ratio``;
+    the layers named are those beyond at the first such step (with a count when they are
+    not one contiguous block).
+    """
+    logged = [r for r in records if "signal_bwd" in r.layers]
+    if not logged:
+        return None
+    last = logged[-1].step
+    phrases = []
+    for low, threshold in ((True, cfg.vanishing_ratio), (False, cfg.exploding_ratio)):
+        spans = []  # (step, indices of the layers beyond)
+        for r in logged:
+            values = r.layer("signal_bwd", len(layers))
+            head = values[-1]
+            if not (_finite(head) and head > 0):
+                continue
+            beyond = [
+                i
+                for i, v in enumerate(values[:-1])
+                if _finite(v) and (v / head < threshold if low else v / head > threshold)
+            ]
+            if beyond:
+                spans.append((r.step, beyond))
+        if not spans:
+            continue
+        first_step, at_first = spans[0]
+        end = spans[-1][0]
+        lo, hi = min(at_first), max(at_first)
+        where = layers[lo] if lo == hi else f"{layers[lo]}-{layers[hi]}"
+        if len(at_first) != hi - lo + 1:
+            where += f" ({len(at_first)} of {hi - lo + 1} layers)"
+        band = f"below {threshold:.0%} of" if low else f"above {threshold:g}x"
+        steps = f"step {first_step}" if first_step == end else f"steps {first_step}-{end}"
+        outcome = "to the end" if end == last else "recovered"
+        phrases.append(f"{where} {band} the head's backward signal, {steps}, {outcome}")
+    return "; ".join(phrases) or None
