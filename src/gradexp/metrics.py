@@ -18,7 +18,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gradexp.record import Quantity, StepRecord
+from gradexp.record import SECTION_ORDER, Quantity, StepRecord
 from gradexp.verdicts import KINDS, describe
 
 if TYPE_CHECKING:
@@ -158,23 +158,37 @@ class Tags:
         return [q.name for q in self.quantities if q.kind == "scalar" and q.summary]
 
     def layout(self, time_layers: list[str]) -> dict[str, Any]:
-        """TensorBoard's Custom Scalars tab: one chart per charted quantity, every layer
-        of a per-layer quantity on it, and for each recurrent layer (``time_layers``: its
-        names) every logged time step's gradient on one chart."""
+        """TensorBoard's Custom Scalars tab: one chart per charted quantity this run
+        declares, every layer of a per-layer quantity on it, and for each recurrent layer
+        whose gradient through time is traced (``time_layers``: its names, none without a
+        declared ``time`` quantity) every logged time step's gradient on one chart.
+
+        Only what the run declares is charted (no AGC chart without clip=agc, no
+        through-time chart without a traced recurrent layer), and the categories come in
+        ``SECTION_ORDER``: the log10 charts relative to the head first."""
         sections: dict[str, dict[str, list[Any]]] = {}
         for q in self.quantities:
-            if q.chart is None:
+            if q.chart is None or q.kind not in ("layer", "scalar"):
                 continue
             regex = (
                 rf"^{re.escape(q.name)}/\d+_" if q.kind == "layer" else rf"^{re.escape(q.name)}$"
             )
             chart = sections.setdefault(q.section, {}).setdefault(q.chart, ["Multiline", []])
             chart[1].append(regex)
+        timed = [q.name for q in self.quantities if q.kind == "time"]
         through_time = {
-            f"||dL/dh_t|| per time step, {tag}": ["Multiline", [rf"^time_grad/{re.escape(tag)}/"]]
+            f"||dL/dh_t|| per time step, {tag}": [
+                "Multiline",
+                [rf"^{re.escape(name)}/{re.escape(tag)}/" for name in timed],
+            ]
             for tag in (self.tag_of[name] for name in time_layers)
+            if timed
         }
-        return {**({"gradient through time": through_time} if through_time else {}), **sections}
+        if through_time:
+            sections["gradient through time"] = through_time
+        rank = {name: i for i, name in enumerate(SECTION_ORDER)}
+        order = sorted(sections, key=lambda s: rank.get(s, len(rank)))  # stable
+        return {name: sections[name] for name in order}
 
 
 def hparams_of(cfg: Config) -> dict[str, Any]:

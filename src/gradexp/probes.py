@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradexp import telemetry
-from gradexp.record import Quantity, StepRecord, ratio
+from gradexp.record import RELATIVE_SECTION, Quantity, StepRecord, log10_relative, ratio
 from gradexp.telemetry import LayerMap, histogram_from_stats, histogram_stats
 
 if TYPE_CHECKING:
@@ -37,6 +37,27 @@ Stats = dict[str, "torch.Tensor | float"]
 # Custom Scalars charts that collect the scalars of several probes.
 LOSS_CHART = "loss (train, test) and the input-blind baseline"
 ACC_CHART = "accuracy (train, test)"
+
+
+def relative(name: str, what: str, chart: str) -> Quantity:
+    """The log10 of per-layer quantity ``name`` over the head's: ``log10_rel/<name>``.
+
+    On a log10 scale relative to the head, TensorBoard's linear axes, smoothing, outlier
+    clipping and four-decimal data table cannot turn a vanishing layer into a flat 0 nor
+    invent a decay; the head reads 0. A zero or non-finite value is not logged (sparse).
+    """
+    return Quantity(
+        f"log10_rel/{name}",
+        doc=f"log10 of the layer's {what} over the head's (0: the head's; -2: 1% of it;"
+        " not logged where either is zero or not finite)",
+        sparse=True,
+        chart=chart,
+        section=RELATIVE_SECTION,
+    )
+
+
+SIGNAL_REL_CHART = "log10 backward signal / head's (0: as strong as the head; -2: 1% of it)"
+GRAD_REL_CHART = "log10 gradient norm / head's (0: as large as the head's; -2: 1% of it)"
 
 
 @dataclass(frozen=True)
@@ -278,6 +299,7 @@ class GradNormProbe(Probe):
                 log_scale=True,
                 summary=True,
             ),
+            relative("grad_norm", "grad_norm", GRAD_REL_CHART),
             Quantity("grad/norm_pre_clip", doc="total gradient norm before clipping", **total),
             Quantity(
                 "flow/grad_norm_ratio",
@@ -316,6 +338,7 @@ class GradNormProbe(Probe):
     def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
         super().read(host, record)
         norms = host["grad_norm"]
+        record.layers["log10_rel/grad_norm"] = log10_relative(norms)
         record.scalars["flow/grad_norm_ratio"] = _ratio(norms[0], norms[-1])
 
 
@@ -363,9 +386,12 @@ class HistogramProbe(Probe):
                 "histogram of the layer's gradient entries (finite ones)",
                 when="hist steps",
             ),
+            # One scalar, not one always-zero card per layer: the first non-finite layer
+            # is named by summary.json's nonfinite and the verdicts.
             Quantity(
-                "grad_nonfinite",
-                doc="count of non-finite gradient entries in the layer",
+                "grad/nonfinite",
+                "scalar",
+                "count of non-finite gradient entries over all layers",
                 when="hist steps",
             ),
         ]
@@ -381,7 +407,7 @@ class HistogramProbe(Probe):
         flat = host["grad_hist"]
         width = len(flat) // len(self.layers)
         rows = [flat[i * width : (i + 1) * width] for i in range(len(self.layers))]
-        record.layers["grad_nonfinite"] = [row[0] for row in rows]
+        record.scalars["grad/nonfinite"] = sum(row[0] for row in rows)
         record.hists["grad_hist"] = [histogram_from_stats(row) for row in rows]
 
 
@@ -402,6 +428,7 @@ class SignalProbe(Probe):
                 log_scale=True,
                 summary=True,
             ),
+            relative("signal_bwd", "backward signal (signal_bwd)", SIGNAL_REL_CHART),
             Quantity(
                 "signal_fwd",
                 doc="forward signal: RMS of the layer output h",
@@ -432,6 +459,7 @@ class SignalProbe(Probe):
 
     def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
         super().read(host, record)
+        record.layers["log10_rel/signal_bwd"] = log10_relative(host["signal_bwd"])
         for key in ("signal_bwd", "signal_fwd"):
             values = host[key]
             record.scalars[f"flow/{key}_ratio"] = _ratio(values[0], values[-1])

@@ -17,6 +17,20 @@ from typing import Any, Literal
 
 Kind = Literal["layer", "scalar", "param", "hist", "time"]
 
+# The Custom Scalars categories in the order TensorBoard shows them: the question first
+# (how strong each layer's gradient is next to the head's, on a log10 scale that linear
+# axes, smoothing and the data table's rounding cannot distort), then the raw per-layer
+# charts; a category not named here (a probe added in code) follows, in declaration order.
+RELATIVE_SECTION = "gradient flow relative to the head (log10)"
+SECTION_ORDER = (
+    RELATIVE_SECTION,
+    "gradient flow",
+    "gradient through time",
+    "task",
+    "clipping",
+    "activation health",
+)
+
 
 @dataclass(frozen=True)
 class Quantity:
@@ -65,6 +79,19 @@ def ratio(first: float | None, last: float | None) -> float | None:
     if last <= 0:
         return None
     return first / last
+
+
+def log10_relative(values: list[float]) -> list[float]:
+    """Each layer's value over the head's (the last layer's), in log10: 0 for the head,
+    -2 for a layer at 1% of it. NaN (not logged: see ``Quantity.sparse``) where the
+    layer's or the head's value is zero, negative or not finite, rather than -inf."""
+
+    def log10(v: float) -> float:
+        return math.log10(v) if math.isfinite(v) and v > 0 else math.nan
+
+    head = log10(values[-1]) if values else math.nan
+    # A difference of logs: finite where the ratio itself would overflow to inf or 0.
+    return [log10(v) - head for v in values]
 
 
 @dataclass
