@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import TINY, TINY_DEPTH, Run, layer_tags, scalar_series, train
+from conftest import TINY, TINY_DEPTH, Run, composed, layer_tags, scalar_series, train
 from gradexp.record import RELATIVE_SECTION, log10_relative
 
 TAGS = layer_tags(TINY_DEPTH)  # 00_hidden.0 ... 03_head
@@ -159,3 +160,21 @@ def test_a_diverged_run_counts_its_nonfinite_gradients(tmp_path):
             rel = scalar_series(run.events, f"log10_rel/{quantity}/{tag}")
             assert [s for s, _ in rel] == list(range(step)), (quantity, tag)
             assert all(math.isfinite(v) for _, v in rel)
+
+
+def test_the_figure_title_says_where_and_until_when(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from rich.console import Console
+
+    from gradexp.metrics import NullLogger
+    from gradexp.train import Trainer
+    from gradexp.verdicts import where_and_when
+
+    # The default 20-layer sigmoid MLP: its first layers get under 1% of the head's signal.
+    cfg = composed("trainer.steps=20", "trainer.progress=off")
+    trainer = Trainer(cfg, tmp_path, NullLogger(), Console(quiet=True))
+    result = trainer.train()
+    headline = where_and_when(trainer.layers.names, trainer.history.records, cfg.diagnose)
+    assert headline is not None and headline.startswith("hidden.0")
+    title = trainer.draw(judged=result["verdicts"])._suptitle.get_text()
+    assert title.splitlines()[-1] == headline

@@ -72,7 +72,7 @@ from gradexp.rundir import (
 )
 from gradexp.telemetry import LayerMap
 from gradexp.theory import TheoryUnavailable, jacobian_spectrum, mean_field
-from gradexp.verdicts import judge
+from gradexp.verdicts import judge, where_and_when
 
 OPTION_GROUPS = ("model", "data", "activation", "init", "norm", "clip", "optim")
 log = logging.getLogger(__name__)
@@ -557,6 +557,9 @@ class Trainer:
         )
         if judged:
             title += "; " + ", ".join(dict.fromkeys(v["kind"] for v in judged))
+        # Where and until when, in words: "hidden.0-hidden.7 below 1% of the head's ...".
+        if headline := where_and_when(self.layers.names, records, cfg.diagnose):
+            title += "\n" + headline
         return figures.flow_figure(self.layers.names, records, self.theory, title)
 
     def no_figures(self) -> None:
