@@ -72,6 +72,29 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+# Space a run holds back for its summary from its start (RESERVE_FILE, written with real
+# bytes so the filesystem allocates them): when the disk fills, it is freed first, so the
+# summary saying so fits however full the events left the disk.
+RESERVE_FILE = ".gradexp.reserve"
+RESERVE_BYTES = 256 << 10
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Hold RESERVE_BYTES in ``run_dir`` (OSError: not even that much is free)."""
+    path = Path(run_dir) / RESERVE_FILE
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(RESERVE_BYTES))
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def free_reserve(run_dir: Path) -> None:
+    """Give the held-back space to what comes next (the summary), or at the run's end."""
+    (Path(run_dir) / RESERVE_FILE).unlink(missing_ok=True)
+
+
 def disk_full(exc: BaseException) -> bool:
     """An error that says the filesystem is full (or the user's quota is spent)."""
     return isinstance(exc, OSError) and exc.errno in DISK_FULL
@@ -213,6 +236,11 @@ def record_failure(output_dir: Path, exc: BaseException) -> str:
     error = error.splitlines()[0] if error.strip() else type(exc).__name__
     path = Path(output_dir) / SUMMARY_FILE
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_summary(path.parent, minimal_summary("failed", error))
+        free_reserve(path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_summary(path.parent, minimal_summary("failed", error))
+        except OSError as e:
+            if not disk_full(e):
+                raise  # a full disk leaves no room even for this: the error line says it
     return error

@@ -66,7 +66,9 @@ from gradexp.rundir import (
     SUMMARY_FILE,
     disk_full,
     disk_full_error,
+    free_reserve,
     minimal_summary,
+    reserve_space,
     summary_text,
     write_text_atomic,
 )
@@ -183,6 +185,7 @@ class Trainer:
         self.device = device = resolve_device(t.device)
         self.output_dir = output_dir = Path(output_dir)
         check_writable(output_dir)
+        reserve_space(output_dir)  # room for the summary when the disk fills
         self.console = console or default_console()
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -621,20 +624,25 @@ class Trainer:
             self.logger.close()
 
     def write_summary(self, result: dict[str, Any]) -> None:
-        """summary.json, whole; on a full disk, the few bytes that say what happened."""
+        """summary.json, whole; on a full disk, into the space held back since the start
+        (rundir.reserve_space), else the few bytes that say what happened."""
         path = self.output_dir / SUMMARY_FILE
+        if self.status == "failed":
+            free_reserve(self.output_dir)  # a full disk: the summary first
         try:
             write_text_atomic(path, summary_text(result))
         except OSError as e:
             if not disk_full(e):
                 raise
+            free_reserve(self.output_dir)
             error = str(disk_full_error(self.output_dir, f"writing {SUMMARY_FILE}"))
             self.status, self.error = "failed", error
             short = {**minimal_summary("failed", error), "steps": result["steps"]}
             try:
                 write_text_atomic(path, summary_text(short))
             except OSError:
-                log.warning("%s: not written (%s)", path, error)
+                file_log.warning("%s: not written (%s)", path, error)
+        free_reserve(self.output_dir)
 
 
 def run(
@@ -649,6 +657,7 @@ def run(
     try:
         trainer = Trainer(cfg, output_dir, logger, console, probes)
     except Exception as e:
+        free_reserve(Path(output_dir))  # the run never began: nothing to hold room for
         if (error := as_run_error(e, Path(output_dir), "while building the run")) is None:
             raise
         raise error from e
