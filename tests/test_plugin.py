@@ -161,6 +161,16 @@ def test_summary_is_the_runs_own(tensorboard: str, logdir: Path) -> None:
         assert body[key] == summary[key], key
 
 
+def test_statuses_are_the_runs_own(tensorboard: str, logdir: Path) -> None:
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/statuses")
+    assert status == 200
+    expected = {
+        run: json.loads((logdir / run / "summary.json").read_text())["status"]
+        for run in [*SWEEP_RUNS, "lstm"]
+    }
+    assert body["statuses"] == expected
+
+
 def test_time_grid_holds_the_gradients_through_time(tensorboard: str, logdir: Path) -> None:
     status, body = get(f"{tensorboard}/data/plugin/gradexp/time?run=lstm")
     assert status == 200, body
@@ -218,6 +228,8 @@ def test_the_sweep_view_lists_every_run(browser, tensorboard: str, tmp_path: Pat
     assert sorted(cards.evaluate_all("cs => cs.map(c => c.dataset.run)")) == sorted(
         [*SWEEP_RUNS, "lstm"]
     )
+    frame.locator("#sweep .card[data-status]").nth(2).wait_for()  # each card's status
+    assert set(cards.evaluate_all("cs => cs.map(c => c.dataset.status)")) == {"completed"}
     frame.locator("#filter").fill("xavier")
     frame.locator("#sweep .card").first.wait_for()
     page.wait_for_function(

@@ -14,6 +14,7 @@ data provider, so the tab shows what the Scalars tab would, from the same events
   ||dL/dh_t||.
 - ``/summary?run=R``: the run's summary.json as logged at its end (``run/summary``):
   status, verdicts with their evidence, the mean-field prediction, the options.
+- ``/statuses``: every finished run's status (the sweep view's cards).
 
 An unknown run or quantity is a 4xx with a one-line JSON error, never a traceback.
 No torch here: TensorBoard imports this module in its own process.
@@ -103,6 +104,7 @@ class GradexpPlugin(base_plugin.TBPlugin):
             "/heatmaps": self._heatmaps,
             "/time": self._time,
             "/summary": self._summary,
+            "/statuses": self._statuses,
         }
 
     # --- reading ---------------------------------------------------------------------
@@ -273,6 +275,22 @@ class GradexpPlugin(base_plugin.TBPlugin):
         except ValueError:
             return _error(request, f"run {run!r}: its run/summary text is not JSON", 422)
         return _json(request, {"run": run, **{k: summary.get(k) for k in SUMMARY_KEYS}})
+
+    @Request.application
+    def _statuses(self, request: Request) -> Response:
+        """run -> its status (completed, diverged, failed, interrupted) from its logged
+        summary; a run still running has none. Asked after the sweep view is drawn."""
+        statuses = {}
+        for run, text in self._texts(
+            request, list(self._scalar_tags(request)), SUMMARY_TAG
+        ).items():
+            try:
+                summary = json.loads(text.strip().removeprefix("```").removesuffix("```"))
+            except ValueError:
+                continue
+            if isinstance(summary, dict) and isinstance(summary.get("status"), str):
+                statuses[run] = summary["status"]
+        return _json(request, {"statuses": statuses})
 
     @Request.application
     def _time(self, request: Request) -> Response:

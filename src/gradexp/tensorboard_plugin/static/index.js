@@ -19,7 +19,8 @@ const LABEL_WIDTH = 130; // px for the layer names left of a heatmap
 const FIRST_SCREEN = 16; // sweep cards fetched and drawn first
 
 const state = {runs: {}, quantities: {}, run: null, quantity: 'signal_bwd', relative: true,
-  view: 'run', filter: '', grid: null, step: 0, sweep: null, token: 0};
+  view: 'run', filter: '', grid: null, step: 0, sweep: null, token: 0,
+  statuses: null};
 
 export async function render() {
   document.head.appendChild(el('style', {}, STYLE));
@@ -487,6 +488,16 @@ async function drawSweep(main, current) {
     sweep.complete = true;
   }
   if (current()) drawCards(main, names, sweep);
+  // Each run's status, once every card is drawn (it reads every run's summary).
+  if (!state.statuses) {
+    state.statuses = (await getJSON('./statuses').catch(() => ({statuses: {}}))).statuses;
+  }
+  if (!current()) return;
+  for (const card of main.querySelectorAll('#sweep .card')) {
+    const status = state.statuses[card.dataset.run] || 'running';
+    card.querySelector('.run-status').textContent = status;
+    card.dataset.status = status;
+  }
 }
 
 function drawCards(main, names, sweep) {
@@ -495,7 +506,8 @@ function drawCards(main, names, sweep) {
   const cards = grids.map((grid) => {
     const card = el('figure', {class: 'card', 'data-run': grid.run},
       heatmapFigure(grid, lo, hi, {cell: 10, labels: false, width: 300, height: 130}),
-      el('figcaption', {}, el('button', {type: 'button'}, grid.run), verdictLine(grid.run)));
+      el('figcaption', {}, el('button', {type: 'button'}, grid.run),
+        el('span', {class: 'run-status'}), verdictLine(grid.run)));
     card.querySelector('button').onclick = () => {
       state.run = grid.run;
       state.view = 'run';
@@ -574,6 +586,7 @@ const STYLE = `
   .card button { border: none; background: none; color: #1a386f; text-decoration: underline;
     cursor: pointer; padding: 0; text-align: left; }
   .verdicts { display: block; color: #444; }
+  .run-status { display: block; font-weight: 600; }
   #verdicts { border-collapse: collapse; font-size: 13px; }
   #verdicts th, #verdicts td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left;
     white-space: pre-line; }
