@@ -84,16 +84,7 @@ def test_a_model_schema_that_forgets_its_facts_fails() -> None:
         name: str = "toy"
 
     assert not hasattr(ToyConfig, "inputs") and not hasattr(ToyConfig, "norms")
-    cfg = C.Config(
-        model=ToyConfig(),
-        activation=C.ActivationConfig("relu"),
-        init=C.InitConfig("default"),
-        norm=C.NormConfig("none"),
-        clip=C.ClipConfig("none"),
-        optim=C.SGDConfig("sgd"),
-        data=C.SyntheticDataConfig("synthetic"),
-        trainer=C.TrainerConfig(),
-    )
+    cfg = valid_config(model=ToyConfig())
     with pytest.raises(AttributeError, match="inputs"):
         C.validate(cfg)  # never a pairing check silently skipped
 

@@ -105,25 +105,40 @@ def _marker(points: int) -> str | None:
 
 def _finish_log_axis(ax: Axes) -> None:
     """Log y-axis, or the "no finite values" note when nothing on it can be shown."""
-    ys = [y for line in ax.get_lines() for y in line.get_ydata() if not math.isnan(y)]
+    finish_log_axes([ax])
+
+
+def finish_log_axes(axes: Sequence[Axes]) -> None:
+    """One log y range for all ``axes`` (what one panel shows reads the same in all);
+    an axis with nothing it can show gets the "no finite values" note instead."""
+    plotted = {
+        ax: [y for line in ax.get_lines() for y in line.get_ydata() if not math.isnan(y)]
+        for ax in axes
+    }
+    ys = [y for values in plotted.values() for y in values]
+    for ax, values in plotted.items():
+        if not values:
+            # A log scale with no positive data only warns; leave the axis linear and bare.
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center")
     if not ys:
-        # A log scale with no positive data only warns; leave the axis linear and bare.
-        ax.set_yticks([])
-        ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center")
         return
     lo, hi = math.log10(min(ys)), math.log10(max(ys))
     # Limits set here, not autoscaled: matplotlib pads 5% in log space too, but over
     # hundreds of decades its ticks land past float64's range and its formatter raises.
     pad = 0.05 * (hi - lo) if hi > lo else 0.5
-    # Limits first: that turns autoscaling off before the scale change would run it.
-    ax.set_ylim(10.0 ** max(lo - pad, -LOG_LIMIT), 10.0 ** min(hi + pad, LOG_LIMIT))
-    ax.set_yscale("log")
-    if hi - lo > MINOR_TICKS_UP_TO:
-        # Minor ticks cost a third of the drawing time; over several decades the major
-        # ones suffice (under that, minor ticks carry the only labels).
-        from matplotlib.ticker import NullLocator
+    for ax, values in plotted.items():
+        if not values:
+            continue
+        # Limits first: that turns autoscaling off before the scale change would run it.
+        ax.set_ylim(10.0 ** max(lo - pad, -LOG_LIMIT), 10.0 ** min(hi + pad, LOG_LIMIT))
+        ax.set_yscale("log")
+        if hi - lo > MINOR_TICKS_UP_TO:
+            # Minor ticks cost a third of the drawing time; over several decades the major
+            # ones suffice (under that, minor ticks carry the only labels).
+            from matplotlib.ticker import NullLocator
 
-        ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _layer_ticks(ax: Axes, layers: Sequence[str]) -> None:

@@ -524,30 +524,6 @@ def _to_head(values: list[float | None]) -> list[float | None]:
     return [None if v is None else v / head for v in values]
 
 
-def _shared_log_y(axes: Sequence[Any]) -> None:
-    """One log y range for all ``axes``: what one panel shows reads the same in all."""
-    ys = [
-        y
-        for ax in axes
-        for line in ax.get_lines()
-        for y in line.get_ydata()
-        if y is not None and not math.isnan(y) and y > 0
-    ]
-    if not ys:
-        for ax in axes:
-            figures._finish_log_axis(ax)  # the "no finite values" note
-        return
-    lo, hi = math.log10(min(ys)), math.log10(max(ys))
-    pad = 0.05 * (hi - lo) if hi > lo else 0.5
-    limits = (
-        10.0 ** max(lo - pad, -figures.LOG_LIMIT),
-        10.0 ** min(hi + pad, figures.LOG_LIMIT),
-    )
-    for ax in axes:
-        ax.set_ylim(*limits)
-        ax.set_yscale("log")
-
-
 def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> None:
     """One PNG with every run's gradient flow, a small panel per run, in the rows' order.
 
@@ -603,7 +579,7 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
     drawn = [ax for ax in axes[: len(rows)] if ax.get_lines()]
-    _shared_log_y(drawn)
+    figures.finish_log_axes(drawn)  # one range: the panels compare
     for i, ax in enumerate(axes[: len(rows)]):
         if ax in drawn and i % n_cols == 0:
             ax.set_ylabel(RELATIVE_LABEL, fontsize=8)
@@ -717,7 +693,7 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
                 ax.set_ylabel(RELATIVE_LABEL)
             ax.grid(True, which="major", alpha=0.3)
     # One log y range for the four panels: both quantities are ratios to the head.
-    _shared_log_y([ax for ax in grid.flatten() if ax.get_lines()])
+    figures.finish_log_axes([ax for ax in grid.flatten() if ax.get_lines()])
 
     def label(value: str | None) -> str:
         shown = "-" if value is None else value

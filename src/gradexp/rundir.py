@@ -236,7 +236,6 @@ def record_failure(output_dir: Path, exc: BaseException) -> str:
     error = error.splitlines()[0] if error.strip() else type(exc).__name__
     path = Path(output_dir) / SUMMARY_FILE
     if not path.exists():
-        free_reserve(path.parent)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_summary(path.parent, minimal_summary("failed", error))

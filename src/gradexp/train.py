@@ -627,14 +627,12 @@ class Trainer:
         """summary.json, whole; on a full disk, into the space held back since the start
         (rundir.reserve_space), else the few bytes that say what happened."""
         path = self.output_dir / SUMMARY_FILE
-        if self.status == "failed":
-            free_reserve(self.output_dir)  # a full disk: the summary first
+        free_reserve(self.output_dir)  # the last write of the run: the held-back room is for it
         try:
             write_text_atomic(path, summary_text(result))
         except OSError as e:
             if not disk_full(e):
                 raise
-            free_reserve(self.output_dir)
             error = str(disk_full_error(self.output_dir, f"writing {SUMMARY_FILE}"))
             self.status, self.error = "failed", error
             short = {**minimal_summary("failed", error), "steps": result["steps"]}
@@ -642,7 +640,6 @@ class Trainer:
                 write_text_atomic(path, summary_text(short))
             except OSError:
                 file_log.warning("%s: not written (%s)", path, error)
-        free_reserve(self.output_dir)
 
 
 def run(

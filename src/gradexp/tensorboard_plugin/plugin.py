@@ -269,10 +269,8 @@ class GradexpPlugin(base_plugin.TBPlugin):
         text = self._texts(request, [run], SUMMARY_TAG).get(run)
         if text is None:
             return _error(request, f"run {run!r} has no summary yet (still running?)", 404)
-        body = text.strip().removeprefix("```").removesuffix("```")
-        try:
-            summary = json.loads(body)
-        except ValueError:
+        summary = _summary_json(text)
+        if summary is None:
             return _error(request, f"run {run!r}: its run/summary text is not JSON", 422)
         return _json(request, {"run": run, **{k: summary.get(k) for k in SUMMARY_KEYS}})
 
@@ -280,15 +278,11 @@ class GradexpPlugin(base_plugin.TBPlugin):
     def _statuses(self, request: Request) -> Response:
         """run -> its status (completed, diverged, failed, interrupted) from its logged
         summary; a run still running has none. Asked after the sweep view is drawn."""
+        texts = self._texts(request, list(self._scalar_tags(request)), SUMMARY_TAG)
         statuses = {}
-        for run, text in self._texts(
-            request, list(self._scalar_tags(request)), SUMMARY_TAG
-        ).items():
-            try:
-                summary = json.loads(text.strip().removeprefix("```").removesuffix("```"))
-            except ValueError:
-                continue
-            if isinstance(summary, dict) and isinstance(summary.get("status"), str):
+        for run, text in texts.items():
+            summary = _summary_json(text)
+            if summary is not None and isinstance(summary.get("status"), str):
                 statuses[run] = summary["status"]
         return _json(request, {"statuses": statuses})
 
@@ -318,6 +312,15 @@ class GradexpPlugin(base_plugin.TBPlugin):
                 values.append(row)
             layers[layer] = {"t": ts, "steps": steps, "values": values}  # values[t][step]
         return _json(request, {"run": run, "layers": layers})
+
+
+def _summary_json(text: str) -> dict[str, Any] | None:
+    """summary.json from its run/summary text (a Markdown code block); None if not one."""
+    try:
+        summary = json.loads(text.strip().removeprefix("```").removesuffix("```"))
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _unknown_quantity(request: Request, quantity: str) -> Response:
