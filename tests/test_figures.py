@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from gradexp.figures import (
+    FIGURE_HEIGHT,
+    FIGURE_WIDTH,
     NO_VALUES,
     THEORY_LABEL,
     flow_figure,
@@ -129,13 +131,25 @@ def test_missing_dependency(monkeypatch: pytest.MonkeyPatch):
     assert matplotlib.figure.Figure is not None
 
 
+def panels(fig) -> dict:
+    """The figure's axes by name (flow_figure labels each), the colour bar left out."""
+    return {ax.get_label(): ax for ax in fig.axes if not ax.get_label().startswith("<")}
+
+
+def legend_texts(fig) -> list[str]:
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] or [
+        fig.legends[0]
+    ]
+    return [t.get_text() for t in legend.get_texts()]
+
+
 @needs_matplotlib
 def test_flow_figure_png_and_image(tmp_path: Path):
     from PIL import Image  # a dependency of matplotlib
 
     layers, snaps, theory = mlp_profile(20)
     fig = flow_figure(layers, snaps, theory, title="mlp depth 20")
-    assert len(fig.axes) == 3
+    assert list(panels(fig)) == ["heatmap", "signal_bwd", "grad_norm", "signal_fwd", "legend"]
     assert [t.get_text() for t in fig.texts] == ["mlp depth 20"]  # the suptitle
     path = tmp_path / "sub" / "flow.png"
     written = save_png(fig, path)
@@ -143,7 +157,8 @@ def test_flow_figure_png_and_image(tmp_path: Path):
     assert data.startswith(PNG_SIGNATURE)
     assert len(data) < 300_000
     width, height = fig.canvas.get_width_height()
-    assert (width, height) == (1500, 400)
+    # Whole at its actual size in TensorBoard's Images tab on a 1280 px screen.
+    assert (width, height) == (FIGURE_WIDTH, FIGURE_HEIGHT) and width <= 870
     with Image.open(path) as im:
         assert im.size == (width, height)
         pixels = np.asarray(im.convert("RGB"))
@@ -163,25 +178,78 @@ def test_plotted_data_is_the_input():
     snaps[1].layers["grad_norm"][2] = NAN
     snaps[1].layers["signal_fwd"][0] = 0.0
     fig = flow_figure(layers, snaps, theory)
-    grad_ax, bwd_ax, fwd_ax = fig.axes
+    ax = panels(fig)
     x = np.arange(len(layers))
-    for ax, key in ((grad_ax, "grad_norm"), (bwd_ax, "signal_bwd"), (fwd_ax, "signal_fwd")):
+    for key in ("grad_norm", "signal_bwd", "signal_fwd"):
         for snap in snaps:
-            drawn = line(ax, f"step {snap.step}")
+            drawn = line(ax[key], f"step {snap.step}")
             ys = np.asarray(drawn.get_ydata(), dtype=float)
             want = np.asarray(snap.layers[key], dtype=float)
+            if key == "signal_bwd":  # relative to the head's, the verdicts' question
+                want = want / want[-1]
             keep = want > 0
             np.testing.assert_array_equal(drawn.get_xdata(), x)
-            np.testing.assert_array_equal(ys[keep], want[keep])
+            np.testing.assert_allclose(ys[keep], want[keep], rtol=1e-12)
             assert np.isnan(ys[~keep]).all()
-    assert np.isnan(line(grad_ax, "step 10").get_ydata()[2])
-    assert grad_ax.get_yscale() == "log"
-    # Theory: forward as is; backward scaled onto the first snapshot's head.
-    np.testing.assert_allclose(line(fwd_ax, THEORY_LABEL).get_ydata(), theory["signal_fwd"])
-    bwd_theory = np.asarray(line(bwd_ax, THEORY_LABEL).get_ydata())
-    assert bwd_theory[-1] == pytest.approx(snaps[0].layers["signal_bwd"][-1])
-    np.testing.assert_allclose(bwd_theory / bwd_theory[-1], theory["signal_bwd"])
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["step 0", "step 10", THEORY_LABEL]
+    assert np.isnan(line(ax["grad_norm"], "step 10").get_ydata()[2])
+    assert ax["grad_norm"].get_yscale() == "log"
+    # Theory: both as given (the backward one is relative to the head, as the panel).
+    np.testing.assert_allclose(line(ax["signal_fwd"], THEORY_LABEL).get_ydata(), theory["signal_fwd"])
+    np.testing.assert_allclose(line(ax["signal_bwd"], THEORY_LABEL).get_ydata(), theory["signal_bwd"])
+    assert legend_texts(fig) == ["step 0", "step 10", THEORY_LABEL]
+
+
+@needs_matplotlib
+def test_heatmap_is_every_logged_step_relative_to_the_head():
+    layers, snaps, _ = mlp_profile(5, steps=(0, 10, 20, 30))
+    snaps[2].layers["signal_bwd"][1] = 0.0  # no log: a blank cell
+    fig = flow_figure(layers, snaps, max_lines=2)
+    heat = panels(fig)["heatmap"]
+    (mesh,) = heat.collections[:1]
+    z = np.ma.masked_invalid(np.asarray(mesh.get_array()).reshape(len(layers), len(snaps)))
+    for j, snap in enumerate(snaps):
+        bwd = np.asarray(snap.layers["signal_bwd"], dtype=float)
+        for i in range(len(layers)):
+            if bwd[i] > 0:
+                assert z[i, j] == pytest.approx(math.log10(bwd[i] / bwd[-1]))
+            else:
+                assert np.ma.is_masked(z[i, j])
+    # Input at the bottom, every logged step across (not only the profiles' two).
+    assert [t.get_text() for t in heat.get_yticklabels()] == layers
+    assert heat.get_ylim() == (-0.5, len(layers) - 0.5)
+    lo, hi = heat.get_xlim()
+    assert lo < 0 and 30 < hi
+    (bar,) = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert bar.get_ylabel() == "log10(backward signal ÷ head's)"
+
+
+@needs_matplotlib
+def test_threshold_contour_line_and_verdict_marks():
+    layers, snaps, _ = mlp_profile(8, steps=(0, 10, 20))  # 1e-4 over depth
+    verdict = {
+        "kind": "vanishing", "layer": layers[3], "step": 10,
+        "evidence": {"until": 20, "threshold": 0.02},
+    }  # fmt: skip
+    fig = flow_figure(layers, snaps, verdicts=[verdict], thresholds=(0.02, 50.0))
+    ax = panels(fig)
+    heat, bwd = ax["heatmap"], ax["signal_bwd"]
+    # The vanishing contour at log10(0.02), in the verdicts' colour; no exploding one
+    # (nothing above 50x on this run).
+    contours = [c for c in heat.collections if hasattr(c, "levels")]
+    assert [list(c.levels) for c in contours] == [[pytest.approx(math.log10(0.02))]]
+    # The threshold as a line on the relative profile.
+    assert line(bwd, "threshold 0.02").get_ydata()[0] == 0.02
+    assert "threshold 50" not in [ln.get_label() for ln in bwd.get_lines()]
+    # The verdict's layer boxed from its step to its last, and named.
+    from matplotlib.patches import Rectangle
+
+    boxes = [p for p in heat.patches if isinstance(p, Rectangle)]
+    assert boxes and all(b.get_y() == pytest.approx(3 - 0.5) for b in boxes)
+    assert boxes[0].get_x() == pytest.approx(5.0) and boxes[0].get_width() == pytest.approx(20.0)
+    assert "vanishing" in texts(heat)
+    # ... and its layer marked on the profile.
+    marks = [ln for ln in bwd.get_lines() if list(ln.get_xdata()) == [3, 3]]
+    assert marks and "vanishing" in texts(bwd)
 
 
 @needs_matplotlib
@@ -190,9 +258,8 @@ def test_chosen_steps_and_colors():
 
     layers, snaps, _ = mlp_profile(4, steps=tuple(range(0, 100, 10)))
     fig = flow_figure(layers, list(reversed(snaps)), max_lines=4)
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == [f"step {s}" for s in pick_steps(range(0, 100, 10), 4)]
-    first = line(fig.axes[0], "step 0").get_color()
+    assert legend_texts(fig) == [f"step {s}" for s in pick_steps(range(0, 100, 10), 4)]
+    first = line(panels(fig)["grad_norm"], "step 0").get_color()
     assert first == colormaps["viridis"](0.0)
     assert fig.texts == []  # no suptitle
 
@@ -201,19 +268,22 @@ def test_chosen_steps_and_colors():
 def test_recurrent_adds_time_panel():
     layers = ["00_embed", "01_lstm.0", "02_head"]
     fig = flow_figure(layers, [recurrent_snapshot(s, ("01_lstm.0",)) for s in (0, 5)])
-    assert len(fig.axes) == 4
-    assert fig.canvas.get_width_height()[0] > 1500
-    time_ax = fig.axes[3]
+    time_ax = panels(fig)["time"]
+    assert "legend" not in panels(fig)
+    assert fig.canvas.get_width_height() == (FIGURE_WIDTH, FIGURE_HEIGHT)
     assert "01_lstm.0" in time_ax.get_title()
     ys = np.asarray(line(time_ax, "step 5").get_ydata(), dtype=float)
     assert np.isnan(ys[:3]).all() and (ys[3:] > 0).all()  # the zeros leave a gap
     assert to_image(fig).shape[0] == 3
+    steps = panels(fig)["grad_norm"].get_legend()  # the steps' key, with no free slot
+    assert [t.get_text() for t in steps.get_texts()] == ["step 0", "step 5"]
 
     names = ("01_lstm.0", "02_lstm.1")
     fig = flow_figure(layers, [recurrent_snapshot(0, names)])
-    styles = {ln.get_linestyle() for ln in fig.axes[3].get_lines()}
+    time_ax = panels(fig)["time"]
+    styles = {ln.get_linestyle() for ln in time_ax.get_lines()}
     assert len(styles) == 2
-    assert fig.axes[3].get_legend() is not None
+    assert time_ax.get_legend() is not None
 
 
 @needs_matplotlib
@@ -224,16 +294,17 @@ def test_unplottable_values_do_not_break_the_figure(tmp_path: Path):
         FlowSnapshot(7, [0.0] * 4, [0.0] * 4, [-1.0, 0.0, 1e-300, 1e300]),
     ]
     theory = {"signal_fwd": [1.0, NAN, 1.0, 1.0], "signal_bwd": [0.1, 0.2, 0.5, 1.0]}
+    verdicts = [{"kind": "diverged", "layer": "01_b", "step": 3, "evidence": {}}]
     with strict_warnings():
-        fig = flow_figure(layers, snaps, theory, title="broken")
+        fig = flow_figure(layers, snaps, theory, title="broken", verdicts=verdicts)
         save_png(fig, tmp_path / "broken.png")
-    grad_ax, bwd_ax, fwd_ax = fig.axes
-    assert texts(grad_ax) == [NO_VALUES]
-    assert texts(bwd_ax) == [NO_VALUES]
-    assert texts(fwd_ax) == []
-    assert fwd_ax.get_yscale() == "log"
-    # No measured head to scale the relative backward theory onto: not drawn.
-    assert THEORY_LABEL not in [ln.get_label() for ln in bwd_ax.get_lines()]
+    ax = panels(fig)
+    assert texts(ax["grad_norm"]) == [NO_VALUES]
+    assert NO_VALUES in texts(ax["heatmap"])
+    assert texts(ax["signal_fwd"]) == []
+    assert ax["signal_fwd"].get_yscale() == "log"
+    # Relative theory needs no measured head: drawn as given.
+    assert THEORY_LABEL in [ln.get_label() for ln in ax["signal_bwd"].get_lines()]
 
 
 @needs_matplotlib
@@ -242,11 +313,13 @@ def test_all_zero_time_panel_and_no_snapshots():
     snap.time["01_rnn"] = (snap.time["01_rnn"][0], [0.0] * len(snap.time["01_rnn"][0]))
     with strict_warnings():
         fig = flow_figure(["a", "b", "c"], [snap])
-        assert texts(fig.axes[3]) == [NO_VALUES]
+        assert texts(panels(fig)["time"]) == [NO_VALUES]
         fig = flow_figure(["a", "b", "c"], [], {"signal_fwd": [1.0, 1.0, 1.0]})
-    assert len(fig.axes) == 3
-    assert texts(fig.axes[0]) == [NO_VALUES]
-    assert texts(fig.axes[2]) == []
+    ax = panels(fig)
+    assert "time" not in ax
+    assert texts(ax["grad_norm"]) == [NO_VALUES]
+    assert texts(ax["heatmap"]) == [NO_VALUES]
+    assert texts(ax["signal_fwd"]) == []
 
 
 @needs_matplotlib
@@ -254,8 +327,11 @@ def test_all_zero_time_panel_and_no_snapshots():
 def test_layer_labels_thinned_head_kept(depth: int):
     layers, snaps, _ = mlp_profile(depth, steps=(0,))
     fig = flow_figure(layers, snaps)
-    for ax in fig.axes:
-        labels = [t.get_text() for t in ax.get_xticklabels()]
+    for name, ax in panels(fig).items():
+        if name == "legend":
+            continue
+        ticks = ax.get_yticklabels() if name == "heatmap" else ax.get_xticklabels()
+        labels = [t.get_text() for t in ticks]
         assert len(labels) <= 21
         assert labels[0] == layers[0] and labels[-1] == layers[-1]
         if depth <= 20:

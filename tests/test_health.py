@@ -23,6 +23,7 @@ from conftest import (
     train,
 )
 from gradexp.data import load_data
+from gradexp.figures import FIGURE_HEIGHT, FIGURE_WIDTH
 from gradexp.init import init_weights
 from gradexp.metrics import NullLogger
 from gradexp.models import create_model
@@ -360,7 +361,7 @@ def test_gradient_flow_figure_png_and_tensorboard_images(flow_run: Run) -> None:
     with Image.open(png) as im:
         im.verify()
         width, height = im.size
-    assert width > 1000 and height > 300
+    assert (width, height) == (FIGURE_WIDTH, FIGURE_HEIGHT)
     images = flow_run.events.Images("flow/gradient_flow")
     # every figure_every steps (0, 2, 4) and the end (step count 6)
     assert [e.step for e in images] == [0, 2, 4, 6]

@@ -256,3 +256,25 @@ def test_gradient_through_time_table_figures(
     else:
         assert summary["metrics"]["loss/test"] > 0.1, command
     assert {v["kind"] for v in summary["verdicts"]} == verdicts, command
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation but hyphens and
+    underscores dropped, spaces to hyphens."""
+    text = re.sub(r"`", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def test_every_link_in_the_readme_reaches_its_target():
+    anchors = {heading_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", README, re.MULTILINE)}
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    assert links
+    for target in links:
+        if target.startswith(("http://", "https://")):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"README links to a missing section: {target}"
+        else:
+            path = REPO_ROOT / target.split("#")[0]
+            assert path.exists(), f"README links to a missing file: {target}"

@@ -27,8 +27,13 @@ THEORY_LABEL = "mean-field theory (init)"
 
 # Layer names shown per panel at most; beyond that every k-th is labelled.
 MAX_TICK_LABELS = 20
-# Inches per panel and the figure's height; at DPI the PNG is ~500 px a panel x 400 px.
-PANEL_WIDTH, HEIGHT, DPI = 5.0, 4.0, 100
+# The figure's size in px at DPI: TensorBoard's Images tab shows up to ~870 px of an
+# image at its actual size on a 1280 px wide screen (and ~990 px on a 1400 px one).
+FIGURE_WIDTH, FIGURE_HEIGHT, DPI = 860, 1000, 100
+# The heatmap's colours (readable in print and for colour-blind readers, as the gradexp
+# tab's) and the verdict thresholds' (the tab's too).
+HEATMAP_CMAP = "cividis"
+VANISHING_COLOR, EXPLODING_COLOR = "#d81b60", "black"
 # Data spanning more than this many decades gets no minor log ticks.
 MINOR_TICKS_UP_TO = 2.0
 # Log y-axes end within 10**-LOG_LIMIT .. 10**LOG_LIMIT; values beyond are off the axis.
@@ -141,7 +146,8 @@ def finish_log_axes(axes: Sequence[Axes]) -> None:
             ax.yaxis.set_minor_locator(NullLocator())
 
 
-def _layer_ticks(ax: Axes, layers: Sequence[str]) -> None:
+def _layer_ticks(ax: Axes, layers: Sequence[str], axis: str = "x") -> None:
+    """Layer names as the ticks of ``axis`` (thinned to MAX_TICK_LABELS, the head kept)."""
     n = len(layers)
     stride = math.ceil(n / MAX_TICK_LABELS)
     ticks = list(range(0, n, stride))
@@ -150,7 +156,12 @@ def _layer_ticks(ax: Axes, layers: Sequence[str]) -> None:
         if n - 1 - ticks[-1] < stride / 2:
             ticks.pop()
         ticks.append(n - 1)
-    ax.set_xticks(ticks, [layers[i] for i in ticks], rotation=60, ha="right", fontsize=7)
+    labels = [layers[i] for i in ticks]
+    if axis == "y":
+        ax.set_yticks(ticks, labels, fontsize=7)
+        ax.set_ylabel("layer (input at the bottom)", fontsize=9)
+        return
+    ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=7)
     ax.tick_params(axis="x", pad=1)
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_xlabel("layer (input → output)")
@@ -204,32 +215,125 @@ def _time_panel(ax: Axes, shown: list[StepRecord], colors: dict[int, tuple]) -> 
     _finish_log_axis(ax)
 
 
+def _edges(centers: Sequence[float]) -> list[float]:
+    """Cell edges around sorted ``centers``: halfway between neighbours, the outer ones a
+    half gap out (a half unit for a single center)."""
+    if len(centers) == 1:
+        return [centers[0] - 0.5, centers[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(centers, centers[1:])]
+    return [2 * centers[0] - mids[0], *mids, 2 * centers[-1] - mids[-1]]
+
+
+def relative_to_head(values: Sequence[float | None]) -> list[float]:
+    """Each layer's value over the head's (the last layer's); NaN where either is not a
+    positive finite number (no head: all NaN)."""
+    ys = _positive(values)
+    head = ys[-1] if ys else math.nan
+    return [y / head if not math.isnan(head) else math.nan for y in ys]
+
+
+def _heatmap_panel(
+    ax: Axes,
+    fig: Figure,
+    layers: Sequence[str],
+    records: list[StepRecord],
+    verdicts: Sequence[dict],
+    thresholds: tuple[float, float],
+) -> None:
+    """log10 of the backward signal over the head's, layer (input at the bottom) x every
+    logged step; the verdict thresholds as contours, each verdict's layer and steps boxed."""
+    import numpy as np
+
+    steps = [r.step for r in records]
+    ratios = np.array([relative_to_head(r.layer("signal_bwd", len(layers))) for r in records]).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.ma.masked_invalid(np.log10(ratios))
+    x, y = _edges(steps), _edges(range(len(layers)))
+    if z.count():
+        lo, hi = float(z.min()), float(z.max())
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+        mesh = ax.pcolormesh(x, y, z, cmap=HEATMAP_CMAP, vmin=lo, vmax=hi, shading="flat")
+        bar = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04)
+        bar.set_label("log10(backward signal ÷ head's)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        levels = [
+            (math.log10(t), color)
+            for t, color in zip(thresholds, (VANISHING_COLOR, EXPLODING_COLOR))
+            if lo < math.log10(t) < hi
+        ]
+        if levels and min(z.shape) > 1:
+            for level, color in levels:
+                ax.contour(
+                    steps, range(len(layers)), z, levels=[level], colors=[color],
+                    linewidths=1.6, linestyles="solid",
+                )  # fmt: skip
+    else:
+        ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center")
+    from matplotlib.patches import Rectangle
+
+    marked = [v for v in verdicts if v.get("layer") in layers and v.get("step") is not None]
+    for v in marked:
+        row = layers.index(v["layer"])
+        until = (v.get("evidence") or {}).get("until", v["step"])
+        left = x[min(range(len(steps)), key=lambda j: abs(steps[j] - v["step"]))]
+        right = x[1 + min(range(len(steps)), key=lambda j: abs(steps[j] - until))]
+        for color, width, style in (("white", 3.0, "-"), ("black", 1.2, "--")):
+            box = Rectangle((left, row - 0.5), right - left, 1.0, fill=False, ec=color, lw=width)
+            box.set_linestyle(style)
+            ax.add_patch(box)
+        # Verdicts on one layer: their names one under another, at their boxes' left ends.
+        same = [w for w in marked if w["layer"] == v["layer"]]
+        shift = 5.5 * (len(same) - 1) - 11 * same.index(v)
+        ax.annotate(
+            v["kind"], (left, row), xytext=(4, shift), textcoords="offset points", ha="left",
+            va="center", fontsize=8, fontweight="bold", color="black",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+        )  # fmt: skip
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(-0.5, len(layers) - 0.5)
+    _layer_ticks(ax, layers, axis="y")
+    ax.set_xlabel("training step")
+    contours = f"contours at {thresholds[0]:g} (magenta) and {thresholds[1]:g} (black)"
+    ax.set_title(f"backward signal ÷ head's, every logged step; {contours}", fontsize=10)
+
+
 def flow_figure(
     layers: list[str],
     snapshots: list[StepRecord],
     theory: dict | None = None,
     title: str = "",
     max_lines: int = 6,
+    verdicts: Sequence[dict] = (),
+    thresholds: tuple[float, float] = (0.01, 100.0),
 ) -> Figure:
-    """The gradient-flow figure of a run: how gradients and signals change with depth.
+    """The gradient-flow figure of a run: where the gradient starves, and from when.
 
-    Panels, each with x = layer in depth order and a log y-axis, one line per chosen
-    training step (viridis, first to last): the parameter-gradient norm, the backward
-    signal and the forward signal; a fourth, ||dL/dh_t|| against time step t, when any
-    snapshot has recurrent ``time`` entries (one line style per recurrent layer).
-    Values a log axis cannot show (None, NaN, inf, <= 0) leave gaps; a panel with none
-    to show says so.
+    On top, a heatmap of every logged step: log10 of each layer's backward signal over
+    the head's (layer up, input at the bottom; training step across), with the verdict
+    thresholds as contours and each verdict's layer and step span boxed. Below, the
+    per-layer profiles at up to ``max_lines`` steps (viridis, first to last; x = layer
+    in depth order, log y): the backward signal over the head's (with the vanishing
+    threshold's line and each verdict's layer marked), the parameter-gradient norm and
+    the forward signal; and ||dL/dh_t|| against time step t when any shown snapshot has
+    recurrent ``time`` entries (one line style per recurrent layer). Values a log axis
+    cannot show (None, NaN, inf, <= 0) leave gaps; a panel with none says so.
+
+    The figure is FIGURE_WIDTH px wide: TensorBoard's Images tab shows it whole at its
+    actual size on a 1280 px screen. Each axes is named by ``get_label()``: "heatmap",
+    "signal_bwd", "grad_norm", "signal_fwd", "time" (recurrent runs only).
 
     Args:
         layers: the layer names, input to output.
         snapshots: the logged steps' statistics, in any order; of two with the same
             step, the later counts.
         theory: optional mean-field predictions at initialization: "signal_fwd",
-            absolute per layer, drawn as is on the forward panel; "signal_bwd", relative
-            to the head (last entry 1), scaled to the earliest snapshot's measured head
-            on the backward panel. Other keys are ignored.
+            absolute per layer, drawn on the forward panel; "signal_bwd", relative to
+            the head (last entry 1), drawn on the backward panel. Other keys are ignored.
         title: the figure's title; none when empty.
-        max_lines: how many training steps to draw at most (see pick_steps).
+        max_lines: how many training steps the profiles draw at most (see pick_steps).
+        verdicts: the run's verdicts (``{"kind", "layer", "step", "evidence"}``): those
+            naming a layer are marked.
+        thresholds: the vanishing and exploding ratios to the head's backward signal.
 
     Returns:
         A matplotlib Figure on an Agg canvas, not registered with pyplot.
@@ -252,23 +356,40 @@ def flow_figure(
         for key, _, _ in PANELS:
             _check_lengths(f"step {snap.step} {key}", snap.layer(key, len(layers)), len(layers))
         by_step[snap.step] = snap
+    records = [by_step[s] for s in sorted(by_step)]
     chosen = pick_steps(list(by_step), max_lines)
     shown = [by_step[s] for s in chosen]
     span = (chosen[-1] - chosen[0]) if chosen else 0
     cmap = colormaps["viridis"]
     colors = {s: cmap(CMAP_TOP * (s - chosen[0]) / span if span else 0.0) for s in chosen}
-
     with_time = any(snap.time for snap in shown)
-    panels = len(PANELS) + with_time
-    fig = Figure(figsize=(PANEL_WIDTH * panels, HEIGHT), dpi=DPI, layout="constrained")
+
+    fig = Figure(figsize=(FIGURE_WIDTH / DPI, FIGURE_HEIGHT / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    grid = fig.add_gridspec(3, 2, height_ratios=(1.15, 1, 1))
+    heat_ax = fig.add_subplot(grid[0, :], label="heatmap")
+    bwd_ax = fig.add_subplot(grid[1, 0], label="signal_bwd")
+    grad_ax = fig.add_subplot(grid[1, 1], label="grad_norm")
+    fwd_ax = fig.add_subplot(grid[2, 0], label="signal_fwd")
+    last = fig.add_subplot(grid[2, 1], label="time" if with_time else "legend")
+    vanishing, exploding = thresholds
+    if records:
+        _heatmap_panel(heat_ax, fig, layers, records, verdicts, thresholds)
+    else:
+        heat_ax.set_axis_off()
+        heat_ax.text(0.5, 0.5, NO_VALUES, transform=heat_ax.transAxes, ha="center", va="center")
+
     x = range(len(layers))
-    for ax, (key, panel_title, ylabel) in zip(axes, PANELS):
+    profiles = (
+        (bwd_ax, "signal_bwd", "backward signal ÷ head's", "RMS(∂ℓ/∂h) ÷ head's", relative_to_head),
+        (grad_ax, "grad_norm", PANELS[0][1], PANELS[0][2], _positive),
+        (fwd_ax, "signal_fwd", PANELS[2][1], PANELS[2][2], _positive),
+    )
+    for ax, key, panel_title, ylabel, transform in profiles:
         for snap in shown:
             ax.plot(
                 x,
-                _positive(snap.layer(key, len(layers))),
+                transform(snap.layer(key, len(layers))),
                 color=colors[snap.step],
                 lw=1.5,
                 marker=_marker(len(layers)),
@@ -276,31 +397,46 @@ def flow_figure(
                 label=f"step {snap.step}",
             )
         ax.set_title(panel_title, fontsize=10)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, fontsize=9)
         _layer_ticks(ax, layers)
-    bwd_ax, fwd_ax = axes[1], axes[2]
     if "signal_fwd" in theory:
         _theory_line(fwd_ax, theory["signal_fwd"])
-    if "signal_bwd" in theory and shown:
-        scale = _head_scale(theory["signal_bwd"], shown[0].layer("signal_bwd", len(layers)))
-        if scale is not None:
-            _theory_line(bwd_ax, theory["signal_bwd"], scale)
-    for ax in axes[: len(PANELS)]:
-        _finish_log_axis(ax)
+    if "signal_bwd" in theory:
+        _theory_line(bwd_ax, theory["signal_bwd"])
+    for ax, _, _, _, _ in profiles:
+        finish_log_axes([ax])
         ax.grid(True, which="major", alpha=0.3)
-    if with_time:
-        _time_panel(axes[-1], shown, colors)
-        axes[-1].grid(True, which="major", alpha=0.3)
+    low, high = bwd_ax.get_ylim() if bwd_ax.get_yscale() == "log" else (math.inf, -math.inf)
+    for ratio, color in ((vanishing, VANISHING_COLOR), (exploding, EXPLODING_COLOR)):
+        if low < ratio < high:
+            bwd_ax.axhline(ratio, color=color, lw=1.2, ls=":", label=f"threshold {ratio:g}")
+    marked = dict.fromkeys(v["layer"] for v in verdicts if v.get("layer") in layers)
+    for name in marked:
+        i = layers.index(name)
+        kinds = ", ".join(dict.fromkeys(v["kind"] for v in verdicts if v.get("layer") == name))
+        bwd_ax.axvline(i, color="0.25", lw=1.0, ls="--")
+        bwd_ax.annotate(
+            kinds, (i, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+            textcoords="offset points", va="top", fontsize=8, fontweight="bold",
+        )  # fmt: skip
 
-    # One legend for all panels: the steps' colors, then the theory line.
+    # One legend for the profiles: the steps' colors, then the theory line.
     handles = {}
-    for ax in axes[: len(PANELS)]:
+    for ax, _, _, _, _ in profiles:
         for line in ax.get_lines():
-            handles.setdefault(line.get_label(), line)
-    if handles:
-        fig.legend(handles=list(handles.values()), loc="outside right upper", fontsize=8)
+            if line.get_label().startswith(("step ", THEORY_LABEL)):
+                handles.setdefault(line.get_label(), line)
+    if with_time:
+        _time_panel(last, shown, colors)
+        last.grid(True, which="major", alpha=0.3)
+        if handles:
+            grad_ax.legend(handles=list(handles.values()), fontsize=7, loc="best")
+    else:
+        last.set_axis_off()
+        if handles:
+            last.legend(handles=list(handles.values()), loc="center", fontsize=9, title="profiles at")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     return fig
 
 

@@ -563,7 +563,15 @@ class Trainer:
         # Where and until when, in words: "hidden.0-hidden.7 below 1% of the head's ...".
         if headline := where_and_when(self.layers.names, records, cfg.diagnose):
             title += "\n" + headline
-        return figures.flow_figure(self.layers.names, records, self.theory, title)
+        diagnose = cfg.diagnose
+        return figures.flow_figure(
+            self.layers.names,
+            records,
+            self.theory,
+            title,
+            verdicts=judged or (),
+            thresholds=(diagnose.vanishing_ratio, diagnose.exploding_ratio),
+        )
 
     def no_figures(self) -> None:
         """matplotlib is missing (or cannot be imported): say so once, go on without."""
