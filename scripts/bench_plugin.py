@@ -36,13 +36,15 @@ FLAGS = [
 
 def write_logdir(root: Path, runs: int, layers: int, steps: int) -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
-    from torch.utils.tensorboard import SummaryWriter
+
+    from gradexp.metrics import TensorBoardLogger
+    from gradexp.record import SUMMARY_DATA
 
     rng = random.Random(0)
     width = max(2, len(str(layers)))
     for r in range(runs):
         decay = rng.uniform(0.3, 1.2)  # per layer, in log10: vanishing to exploding
-        writer = SummaryWriter(str(root / f"{r}_init=x{r % 5},seed={r}"))
+        logger = TensorBoardLogger(root / f"{r}_init=x{r % 5},seed={r}")
         for s in range(steps):
             step = s * 10
             values = []
@@ -53,17 +55,17 @@ def write_logdir(root: Path, runs: int, layers: int, steps: int) -> None:
                     values.append(
                         Summary.Value(tag=f"{q}/{i:0{width}d}_hidden.{i}", simple_value=v)
                     )
-            writer.file_writer.add_summary(Summary(value=values), step)
+            logger.writer.file_writer.add_summary(Summary(value=values), step)
         verdict = "vanishing" if decay > 0.5 else "healthy"
-        writer.add_text(
+        logger.text(
             "run/verdicts",
             "| verdict | layer | step | evidence |\n|---|---|---|---|\n"
             f"| {verdict} | hidden.0 | 0 | synthetic |",
             steps * 10,
         )
         summary = {"status": "completed", "steps": steps * 10, "verdicts": [], "options": {}}
-        writer.add_text("run/summary", f"```\n{json.dumps(summary)}```", steps * 10)
-        writer.close()
+        logger.data(SUMMARY_DATA, summary, steps * 10)
+        logger.close()
 
 
 def free_port() -> int:

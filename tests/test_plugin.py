@@ -157,8 +157,41 @@ def test_summary_is_the_runs_own(tensorboard: str, logdir: Path) -> None:
     )
     assert status == 200, body
     summary = json.loads((logdir / run / "summary.json").read_text())
-    for key in ("status", "steps", "options", "verdicts", "theory"):
-        assert body[key] == summary[key], key
+    for key in ("status", "steps", "options", "verdicts", "theory", "metrics"):
+        assert body["summary"][key] == summary[key], key
+    # The composed config, every key: what .hydra/config.yaml holds, flattened.
+    from omegaconf import OmegaConf
+
+    composed = OmegaConf.to_container(OmegaConf.load(logdir / run / ".hydra" / "config.yaml"))
+
+    def leaves(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in node.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    expected = leaves(composed)
+    assert body["config"] and set(body["config"]) == set(expected)
+    for key, value in expected.items():
+        assert body["config"][key] == value, key
+
+
+def test_text_tab_lists_the_readable_summary_not_the_tabs_data(tensorboard: str) -> None:
+    status, body = get(f"{tensorboard}/data/plugin/text/tags")
+    assert status == 200
+    for run in [*SWEEP_RUNS, "lstm"]:
+        assert {"run/summary/text_summary", "run/verdicts/text_summary"} <= set(body[run])
+        assert not [tag for tag in body[run] if tag.startswith("gradexp/")]
+
+
+def test_summary_json_read_from_either_form() -> None:
+    from gradexp.tensorboard_plugin.plugin import _summary_json
+
+    assert _summary_json('{"status": "completed"}') == {"status": "completed"}
+    # Runs logged before the gradexp data tags: summary.json in run/summary's code block.
+    assert _summary_json('```\n{"status": "diverged"}\n```') == {"status": "diverged"}
+    assert _summary_json("**completed** after 3 steps") is None
+    assert _summary_json("[1, 2]") is None
 
 
 def test_statuses_are_the_runs_own(tensorboard: str, logdir: Path) -> None:

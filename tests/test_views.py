@@ -178,3 +178,27 @@ def test_the_figure_title_says_where_and_until_when(tmp_path: Path) -> None:
     assert headline is not None and headline.startswith("hidden.0")
     title = trainer.draw(judged=result["verdicts"])._suptitle.get_text()
     assert title.splitlines()[-1] == headline
+
+
+def test_run_summary_reads_as_markdown_not_a_json_dump(mlp_run: Run) -> None:
+    (event,) = mlp_run.events.Tensors("run/summary/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    summary = mlp_run.summary
+    assert not text.lstrip().startswith(("```", "{"))
+    assert text.startswith(f"**{summary['status']}** after {summary['steps']} steps")
+    kinds = ", ".join(dict.fromkeys(v["kind"] for v in summary["verdicts"]))
+    assert f"verdicts: **{kinds}**" in text.splitlines()[0]
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    # The per-layer table: a row per layer, its gradient norm at step 0 as the terminal
+    # shows it, then the first-over-last row.
+    by_name = {cells[1]: cells for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+    for layer in summary["layers"]:
+        cells = by_name[layer["name"]]
+        assert float(cells[2]) == pytest.approx(layer["grad_norm"]["first"], rel=5e-3)
+    assert "first/last" in by_name
+    # The options and every final metric.
+    for key, value in summary["options"].items():
+        assert key in text and str(value) in text
+    for key, value in summary["metrics"].items():
+        metric = [r for r in rows if r.startswith(f"| {key} |")]
+        assert metric and float(metric[0].split("|")[2]) == pytest.approx(value, rel=5e-3)

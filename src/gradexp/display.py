@@ -75,31 +75,29 @@ class ProgressReporter:
             self.bar.stop()
 
 
-def layer_table(summary: dict[str, Any]) -> Table:
-    """The per-layer figures of a finished run, first (step 0) and last logged step."""
+LAYER_CAPTION = (
+    "|grad|: parameter-gradient norm; bwd: per-example RMS of dL/dh; fwd: RMS of h; upd/w:"
+    " ||dW||/||W||; sat: saturated share of units; dead: dead share of units (last step)"
+)
+
+
+def layer_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str] | None]:
+    """The per-layer figures of a finished run, first (step 0) and last logged step: the
+    header, a row per layer, and the first-over-last row (None without layers)."""
     layers = summary["layers"]
-    table = Table(
-        title="per-layer gradients: first logged step (0) and last",
-        caption="|grad|: parameter-gradient norm; bwd: per-example RMS of dL/dh;"
-        " fwd: RMS of h; upd/w: ||dW||/||W||; sat: saturated share of units; dead: dead"
-        " share of units (last step)",
-    )
-    table.add_column("#", justify="right")
-    table.add_column("layer", justify="left", no_wrap=True)
+    header = ["#", "layer"]
     for label in ("|grad|", "bwd", "fwd"):
-        table.add_column(f"{label} 0", justify="right")
-        table.add_column(f"{label} last", justify="right")
-    table.add_column("upd/w", justify="right")
+        header += [f"{label} 0", f"{label} last"]
+    header.append("upd/w")
     # Activation health, last logged step: only the columns some layer has.
     health = [
         (key, label)
         for key, label in (("sat_frac", "sat"), ("dead_frac", "dead"))
         if any(layer.get(key, {}).get("last") is not None for layer in layers)
     ]
-    for _, label in health:
-        table.add_column(label, justify="right")
-    for layer in layers:
-        table.add_row(
+    header += [label for _, label in health]
+    rows = [
+        [
             str(layer["index"]),
             layer["name"],
             *(
@@ -109,7 +107,10 @@ def layer_table(summary: dict[str, Any]) -> Table:
             ),
             _fmt(layer["update_ratio"]["last"]),
             *(_fmt(layer[key]["last"]) for key, _ in health),
-        )
+        ]
+        for layer in layers
+    ]
+    total = None
     if layers:
         first, last = layers[0], layers[-1]
         cells = [
@@ -117,9 +118,58 @@ def layer_table(summary: dict[str, Any]) -> Table:
             for k in ("grad_norm", "signal_bwd", "signal_fwd")
             for w in ("first", "last")
         ]
+        total = ["", "first/last", *cells, "", *("" for _ in health)]
+    return header, rows, total
+
+
+def layer_table(summary: dict[str, Any]) -> Table:
+    """The per-layer figures of a finished run, first (step 0) and last logged step."""
+    header, rows, total = layer_rows(summary)
+    table = Table(
+        title="per-layer gradients: first logged step (0) and last", caption=LAYER_CAPTION
+    )
+    for i, label in enumerate(header):
+        table.add_column(label, justify="left" if i == 1 else "right", no_wrap=i == 1)
+    for row in rows:
+        table.add_row(*row)
+    if total is not None:
         table.add_section()
-        table.add_row("", "first/last", *cells, "", *("" for _ in health), style="bold")
+        table.add_row(*total, style="bold")
     return table
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A finished run's summary as TensorBoard's Text tab shows it (``run/summary``): the
+    status line, the options, the final metrics and the per-layer table, in Markdown.
+    summary.json has the rest (theory, gradients through time, the Jacobian)."""
+    from gradexp.metrics import markdown_cell, markdown_table
+
+    kinds = ", ".join(dict.fromkeys(v["kind"] for v in summary.get("verdicts") or []))
+    parts = [
+        f"**{summary['status']}** after {summary['steps']} steps"
+        f" ({summary.get('steps_per_s')} steps/s on {summary.get('device')})"
+        + (f"; verdicts: **{kinds}** (evidence: run/verdicts)" if kinds else "")
+    ]
+    if summary.get("error"):
+        parts.append(f"error: {markdown_cell(summary['error'])}")
+    if nf := summary.get("nonfinite"):
+        parts.append(f"first non-finite: step {nf.get('step')}, layer {nf.get('layer')}")
+    if summary.get("options"):
+        options = summary["options"]
+        parts.append(markdown_table(list(options), [list(options.values())]))
+    if summary.get("metrics"):
+        rows = [[k, _fmt(v)] for k, v in summary["metrics"].items()]
+        parts.append(markdown_table(["metric", "final value"], rows))
+    if summary.get("layers"):
+        header, rows, total = layer_rows(summary)
+        parts.append(markdown_table(header, rows + ([total] if total else [])))
+        parts.append(LAYER_CAPTION)
+    if summary.get("fold"):
+        parts.append(markdown_cell(fold_line(summary["fold"])))
+    for note in summary.get("notes") or []:
+        parts.append(f"note: {markdown_cell(note)}")
+    parts.append("The whole summary, with theory and gradients through time: summary.json.")
+    return "\n\n".join(parts)
 
 
 VERDICT_STYLE = {

@@ -6,6 +6,7 @@ Markdown tables."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -14,11 +15,14 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from google.protobuf import struct_pb2
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto import types_pb2
+from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gradexp.record import SECTION_ORDER, Quantity, StepRecord
+from gradexp.record import DATA_PLUGIN, SECTION_ORDER, Quantity, StepRecord
+from gradexp.rundir import json_safe
 from gradexp.verdicts import KINDS, describe
 
 if TYPE_CHECKING:
@@ -32,6 +36,7 @@ class MetricLogger(Protocol):
     def scalars(self, values: dict[str, float], step: int) -> None: ...
     def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
+    def data(self, tag: str, value: Any, step: int) -> None: ...
     def image(self, tag: str, image: Any, step: int) -> None: ...
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
     def close(self) -> None: ...
@@ -47,6 +52,9 @@ class NullLogger:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def data(self, tag: str, value: Any, step: int) -> None:
         pass
 
     def image(self, tag: str, image: Any, step: int) -> None:
@@ -85,6 +93,19 @@ class TensorBoardLogger:
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
+
+    def data(self, tag: str, value: Any, step: int) -> None:
+        """``value`` as JSON for the gradexp tab only: a string tensor owned by the gradexp
+        plugin (DATA_PLUGIN), which the Text tab does not list."""
+        meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=DATA_PLUGIN, content=b"json"),
+            data_class=DATA_CLASS_TENSOR,  # what TensorBoard's data provider serves as tensors
+        )
+        body = json.dumps(json_safe(value), allow_nan=False).encode()
+        tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[body])
+        tensor.tensor_shape.SetInParent()  # a scalar
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+        self.writer.file_writer.add_summary(summary, step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """``image``: (3, H, W) uint8 (see figures.to_image)."""
@@ -235,7 +256,8 @@ def run_hparams(cfg: Config, status: str, verdicts: list[dict[str, Any]]) -> dic
 # fills the columns its model lacks with a stand-in, and logs every metric as an
 # ``hparams/<tag>`` scalar that is always finite.
 
-HPARAMS_METRIC = "hparams/"  # the prefix of the scalars the HParams tab reads
+HPARAMS_METRIC = "hparams/"
+  # the prefix of the scalars the HParams tab reads
 # A column this run's model does not have (an LSTM's depth, an MLP's hidden_size): strings,
 # booleans and lists read "-", numbers -1 (every numeric model key is >= 0 but
 # recurrent_scale and forget_bias, which the model column tells apart).

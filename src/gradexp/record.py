@@ -21,6 +21,11 @@ Kind = Literal["layer", "scalar", "param", "hist", "time"]
 # (how strong each layer's gradient is next to the head's, on a log10 scale that linear
 # axes, smoothing and the data table's rounding cannot distort), then the raw per-layer
 # charts; a category not named here (a probe added in code) follows, in declaration order.
+# What the gradexp tab reads and no other tab lists (a tensor of JSON text under the
+# gradexp plugin's name): the run's summary.json at its end, its composed config at its
+# start.
+DATA_PLUGIN = "gradexp"
+SUMMARY_DATA, CONFIG_DATA = "gradexp/summary", "gradexp/config"
 RELATIVE_SECTION = "gradient flow relative to the head (log10)"
 SECTION_ORDER = (
     RELATIVE_SECTION,

@@ -31,7 +31,7 @@ from gradexp.clipping import Clipper
 from gradexp.config import Amp, Config, OnNonfinite, flat
 from gradexp.data import Dataset, load_data
 from gradexp.device import check_writable, resolve_device
-from gradexp.display import ProgressReporter, print_summary, status_line
+from gradexp.display import ProgressReporter, print_summary, status_line, summary_markdown
 from gradexp.errors import RunError
 from gradexp.guard import Decision, FiniteGuard
 from gradexp.init import init_weights, weights_and_biases
@@ -58,7 +58,7 @@ from gradexp.probes import (
     hooks,
     to_host,
 )
-from gradexp.record import History, StepRecord
+from gradexp.record import CONFIG_DATA, SUMMARY_DATA, History, StepRecord
 from gradexp.resources import check_memory
 from gradexp.rundir import (
     CHECKPOINT_FILE,
@@ -261,8 +261,11 @@ class Trainer:
         self.logger = logger or TensorBoardLogger(
             output_dir, self.tags.layout(self.time_layers), purge_step=self.step or None
         )
-        for note in self.notes if not self.resumed else []:
-            self.logger.text("run/notes", note, 0)
+        if not self.resumed:
+            # The composed config, for the gradexp tab ({"model.depth": 20, ...}).
+            self.logger.data(CONFIG_DATA, flat(cfg), 0)
+            for note in self.notes:
+                self.logger.text("run/notes", note, 0)
         self.figure_missing: str | None = None
         if figures.missing_dependency():
             self.no_figures()
@@ -610,7 +613,6 @@ class Trainer:
 
     def write_views(self, result: dict[str, Any]) -> None:
         """hparams, verdicts and the figure to TensorBoard (and the figure's PNG)."""
-        text = summary_text(result)
         try:
             metric_tags = self.tags.metric_tags()
             hparams = run_hparams(self.cfg, result["status"], result["verdicts"])
@@ -618,7 +620,8 @@ class Trainer:
             # What the HParams tab reads as each metric: finite, the same tags in every run.
             self.logger.scalars(hparams_metrics(result["metrics"], metric_tags), result["steps"])
             self.logger.text("run/verdicts", verdict_markdown(result["verdicts"]), result["steps"])
-            self.logger.text("run/summary", f"```\n{text}```", result["steps"])
+            self.logger.text("run/summary", summary_markdown(result), result["steps"])
+            self.logger.data(SUMMARY_DATA, result, result["steps"])  # the gradexp tab's
             try:
                 fig = self.figure(judged=result["verdicts"])
                 if fig is not None:

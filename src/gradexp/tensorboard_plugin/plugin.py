@@ -12,8 +12,9 @@ data provider, so the tab shows what the Scalars tab would, from the same events
   N runs by name) grid of that quantity, to 4 significant digits (the sweep view).
 - ``/time?run=R``: per recurrent layer, the time step x training step grid of
   ||dL/dh_t||.
-- ``/summary?run=R``: the run's summary.json as logged at its end (``run/summary``):
-  status, verdicts with their evidence, the mean-field prediction, the options.
+- ``/summary?run=R``: the run's summary.json as logged at its end: status, verdicts
+  with their evidence, the mean-field prediction, the options, the metrics; and its
+  composed config ({"model.depth": 20, ...}), logged at its start.
 - ``/statuses``: every finished run's status (the sweep view's cards).
 
 An unknown run or quantity is a 4xx with a one-line JSON error, never a traceback.
@@ -34,6 +35,8 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import Request, Response
 
+from gradexp.record import CONFIG_DATA, DATA_PLUGIN, SUMMARY_DATA
+
 PLUGIN_NAME = "gradexp"
 STATIC = Path(__file__).parent / "static"
 # Per-layer quantities the tab draws, first the default, with how to read them.
@@ -48,9 +51,10 @@ QUANTITIES = {
 # Per-layer tags: <quantity>/<NN>_<layer name>; through time: time_grad/<NN>_<layer>/t<k>.
 LAYER_TAG = re.compile(r"^(?P<quantity>[a-z_]+)/(?P<index>\d+)_(?P<layer>[^/]+)$")
 TIME_TAG = re.compile(r"^time_grad/(?P<index>\d+)_(?P<layer>[^/]+)/t(?P<t>\d+)$")
-# The verdicts table and the final summary.json, as torch's add_text names their tags.
+# The verdicts table, as torch's add_text names its tag.
 VERDICTS_TAG = "run/verdicts/text_summary"
-SUMMARY_TAG = "run/summary/text_summary"
+# Runs logged before the gradexp data tags carried summary.json as this text's JSON.
+OLD_SUMMARY_TAG = "run/summary/text_summary"
 # What of summary.json the tab shows.
 SUMMARY_KEYS = ("status", "error", "steps", "options", "verdicts", "theory", "metrics")
 # The sweep view's values: 4 significant digits colour a cell and label a tooltip, at a
@@ -91,7 +95,7 @@ class GradexpPlugin(base_plugin.TBPlugin):
         return False  # legacy; TensorBoard decides from data_plugin_names
 
     def data_plugin_names(self) -> tuple[str, ...]:
-        return ("scalars", "text")  # active when the logdir has scalars
+        return ("scalars", "text", DATA_PLUGIN)  # active when the logdir has scalars
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="gradexp")
@@ -126,12 +130,14 @@ class GradexpPlugin(base_plugin.TBPlugin):
         )
         return data.get(run, {})
 
-    def _texts(self, request: Request, runs: list[str], tag: str) -> dict[str, str]:
-        """Each run's last text logged under ``tag``."""
+    def _texts(
+        self, request: Request, runs: list[str], tag: str, plugin: str = "text"
+    ) -> dict[str, str]:
+        """Each run's last text logged under ``tag`` (by ``plugin``)."""
         data = self._data.read_tensors(
             _ctx(request),
             experiment_id=_experiment(request),
-            plugin_name="text",
+            plugin_name=plugin,
             downsample=1,
             run_tag_filter=provider.RunTagFilter(runs=runs, tags=[tag]),
         )
@@ -143,6 +149,18 @@ class GradexpPlugin(base_plugin.TBPlugin):
                 raw = value.item() if value.shape == () else value.flat[0]
                 out[run] = raw.decode() if isinstance(raw, bytes) else str(raw)
         return out
+
+    def _summaries(self, request: Request, runs: list[str]) -> dict[str, dict[str, Any]]:
+        """Each finished run's summary.json as logged at its end (a run still running has
+        none): the gradexp data, else (runs logged before it) the run/summary text."""
+        found = {}
+        logged = self._texts(request, runs, SUMMARY_DATA, DATA_PLUGIN)
+        old = [run for run in runs if run not in logged]
+        texts = {**(self._texts(request, old, OLD_SUMMARY_TAG) if old else {}), **logged}
+        for run, text in texts.items():
+            if (summary := _summary_json(text)) is not None:
+                found[run] = summary
+        return found
 
     def _verdicts(self, request: Request, runs: list[str]) -> dict[str, str]:
         """Each run's run/verdicts text (a Markdown table), its last version."""
@@ -260,30 +278,26 @@ class GradexpPlugin(base_plugin.TBPlugin):
     @Request.application
     def _summary(self, request: Request) -> Response:
         """The run's summary.json as it logged it at its end (status, verdicts with their
-        evidence, the mean-field prediction, the options); 404 while it runs."""
+        evidence, the mean-field prediction, the options, the metrics; null while it
+        runs) and its composed config (null for runs logged before it was)."""
         run = request.args.get("run")
         if not run:
             return _error(request, "give a run: /summary?run=RUN", 400)
         if run not in self._scalar_tags(request, [run]):
             return _error(request, f"run {run!r}: no such run", 404)
-        text = self._texts(request, [run], SUMMARY_TAG).get(run)
-        if text is None:
-            return _error(request, f"run {run!r} has no summary yet (still running?)", 404)
-        summary = _summary_json(text)
-        if summary is None:
-            return _error(request, f"run {run!r}: its run/summary text is not JSON", 422)
-        return _json(request, {"run": run, **{k: summary.get(k) for k in SUMMARY_KEYS}})
+        summary = self._summaries(request, [run]).get(run)
+        config = _summary_json(self._texts(request, [run], CONFIG_DATA, DATA_PLUGIN).get(run, ""))
+        body = {k: summary.get(k) for k in SUMMARY_KEYS} if summary else None
+        return _json(request, {"run": run, "summary": body, "config": config})
 
     @Request.application
     def _statuses(self, request: Request) -> Response:
         """run -> its status (completed, diverged, failed, interrupted) from its logged
         summary; a run still running has none. Asked after the sweep view is drawn."""
-        texts = self._texts(request, list(self._scalar_tags(request)), SUMMARY_TAG)
-        statuses = {}
-        for run, text in texts.items():
-            summary = _summary_json(text)
-            if summary is not None and isinstance(summary.get("status"), str):
-                statuses[run] = summary["status"]
+        summaries = self._summaries(request, list(self._scalar_tags(request)))
+        statuses = {
+            run: s["status"] for run, s in summaries.items() if isinstance(s.get("status"), str)
+        }
         return _json(request, {"statuses": statuses})
 
     @Request.application
@@ -315,7 +329,8 @@ class GradexpPlugin(base_plugin.TBPlugin):
 
 
 def _summary_json(text: str) -> dict[str, Any] | None:
-    """summary.json from its run/summary text (a Markdown code block); None if not one."""
+    """A JSON object from its text (also inside a Markdown code block, as runs logged
+    before the gradexp data tags wrote run/summary); None if not one."""
     try:
         summary = json.loads(text.strip().removeprefix("```").removesuffix("```"))
     except ValueError:

@@ -93,13 +93,15 @@ async function drawRun(main, current) {
   const info = state.runs[state.run];
   const quantity = info.quantities.includes(state.quantity) ? state.quantity : info.quantities[0];
   const query = new URLSearchParams({run: state.run});
-  const [raw, summary] = await Promise.all([
+  const [raw, reply] = await Promise.all([
     getJSON(`./heatmap?${new URLSearchParams({run: state.run, quantity})}`),
-    getJSON(`./summary?${query}`).catch(() => null), // none while the run is running
+    getJSON(`./summary?${query}`).catch(() => null),
   ]);
   if (!current()) return;
   const grid = transform(raw);
+  const summary = reply && reply.summary; // null while the run is running
   grid.summary = summary;
+  grid.config = reply && reply.config;
   state.grid = grid;
   state.step = 0;
   const [lo, hi] = range([grid]);
