@@ -9,6 +9,10 @@ screen of 16 runs comes first), and to a single run's view. TensorBoard's own pa
 part of every figure (about 1 s here).
 
     python scripts/bench_plugin.py [--runs 100] [--layers 30] [--steps 100] [--repeats 3]
+                                   [--logdir DIR]
+
+``--logdir DIR`` writes the logdir there once and reuses it later (same shape): runs of
+two versions of the tab, interleaved, then time the same events.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logdir", type=Path, help="write the logdir here once; reuse it")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -87,11 +92,14 @@ def main() -> None:
     if chromium is None:
         sys.exit("no Chromium: apt-get install -y chromium")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.logdir or Path(tmp)
         t = time.perf_counter()
-        write_logdir(root, args.runs, args.layers, args.steps)
-        print(f"logdir: {args.runs} runs x {args.layers} layers x {args.steps} steps "
-              f"({time.perf_counter() - t:.1f} s to write)")  # fmt: skip
+        if args.logdir and args.logdir.is_dir() and any(args.logdir.iterdir()):
+            print(f"logdir: {root}, as written before")
+        else:
+            write_logdir(root, args.runs, args.layers, args.steps)
+            print(f"logdir: {args.runs} runs x {args.layers} layers x {args.steps} steps "
+                  f"({time.perf_counter() - t:.1f} s to write)")  # fmt: skip
         port = free_port()
         exe = Path(sys.executable).parent / "tensorboard"
         tb = subprocess.Popen(

@@ -136,11 +136,19 @@ def test_event_file_has_every_tag(agc_run: Run) -> None:
     assert expected <= scalars, sorted(expected - scalars)
     assert "clip/coef" not in scalars  # clip=norm only
     assert f"clip_frac/{TAGS[-1]}" not in scalars
-    assert {f"grad_hist/{t}" for t in TAGS} <= histograms
-    # Each step-0 histogram holds every gradient entry of its layer (weights and bias):
-    # 32 features -> 8 -> 8 -> 8 -> 10 classes.
-    counts = [agc_run.events.Histograms(f"grad_hist/{t}")[0].histogram_value.num for t in TAGS]
+    assert {f"grad_log10/{t}" for t in TAGS} <= histograms
+    # Each step-0 histogram holds every gradient entry of its layer (weights and bias;
+    # sigmoid units: none exactly 0): 32 features -> 8 -> 8 -> 8 -> 10 classes.
+    hists = [agc_run.events.Histograms(f"grad_log10/{t}")[0].histogram_value for t in TAGS]
+    counts = [h.num for h in hists]
     assert counts == [32 * 8 + 8, 8 * 8 + 8, 8 * 8 + 8, 8 * 10 + 10]
+    # In decades of |entry|: no entry exceeds the layer's gradient norm, and the mean
+    # log10 |entry| is at most log10 of the RMS entry, ||g|| / sqrt(n) (Jensen).
+    for tag, hist, n in zip(TAGS, hists, counts):
+        (norm,) = [v for s, v in scalar_series(agc_run.events, f"grad_norm/{tag}") if s == 0]
+        assert hist.max <= math.log10(norm) + 1e-4
+        assert hist.sum / n <= math.log10(norm / math.sqrt(n)) + 1e-4
+        assert hist.min < hist.max
     # No layer that the model does not have.
     per_layer = {s.split("/", 1)[1] for s in scalars if s.split("/")[0] in PER_LAYER_SCALARS}
     assert per_layer == set(TAGS)
@@ -232,7 +240,7 @@ def test_event_file_has_custom_scalars_layout(agc_run: Run) -> None:
 def test_hist_and_eval_steps_follow_their_own_cadence(agc_run: Run) -> None:
     acc = agc_run.events
     assert [step for step, _ in scalar_series(acc, "loss/test")] == [0, 3, 5]
-    assert [h.step for h in acc.Histograms(f"grad_hist/{TAGS[0]}")] == [0, 3]
+    assert [h.step for h in acc.Histograms(f"grad_log10/{TAGS[0]}")] == [0, 3]
 
 
 def test_norm_clipping_logs_its_coefficient(tmp_path: Path) -> None:

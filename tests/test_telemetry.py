@@ -266,6 +266,26 @@ def test_histogram_stats_against_numpy():
     assert stats[6:].tolist() == counts.tolist()
 
 
+def test_log10_abs_histogram_against_numpy():
+    # Entries over 12 decades, both signs, with zeros and non-finite ones.
+    g = torch.Generator().manual_seed(1)
+    v = torch.sign(torch.randn(4000, generator=g)) * 10 ** (torch.rand(4000, generator=g) * 12 - 10)
+    v[:7] = 0.0
+    v[7], v[8] = float("nan"), float("-inf")
+    stats = histogram_stats(v, bins=24, log10_abs=True)
+    kept = v.double().numpy()
+    kept = np.log10(np.abs(kept[np.isfinite(kept) & (kept != 0)]))
+    nonfinite, count, lo, hi, total, sq = stats[:6].tolist()
+    assert (nonfinite, count) == (2, 4000 - 9)  # zeros are not counted, nor shown
+    assert lo == pytest.approx(kept.min(), abs=1e-5) and hi == pytest.approx(kept.max(), abs=1e-5)
+    assert total == pytest.approx(kept.sum(), rel=1e-4)
+    assert sq == pytest.approx((kept**2).sum(), rel=1e-4)
+    counts, _ = np.histogram(kept, bins=24, range=(lo, hi))
+    # float32 log10 may move a value sitting on a bin edge to its neighbour
+    assert np.abs(stats[6:].numpy() - counts).sum() <= 4
+    assert stats[6:].sum() == count
+
+
 def test_histogram_from_stats_decodes_for_tensorboard():
     v = torch.linspace(-2.0, 6.0, 801)  # one value on every 0.01
     hist = histogram_from_stats(histogram_stats(v, bins=8).tolist())

@@ -17,7 +17,7 @@ from gradexp.record import RELATIVE_SECTION, log10_relative
 
 TAGS = layer_tags(TINY_DEPTH)  # 00_hidden.0 ... 03_head
 HEAD = TAGS[-1]
-RELATIVE = ("grad_norm", "signal_bwd")  # log10_rel/<quantity>/<L>
+RELATIVE = ("signal_bwd", "grad_norm")  # log10_rel/<quantity>/<L>, in the layout's order
 DIVERGE = ("optim.lr=1e6", "init=normal", "activation=relu")  # non-finite at step 2
 LSTM = (
     "model=lstm",
@@ -105,8 +105,9 @@ def test_the_layout_asks_the_question_first(mlp_run: Run):
         assert title.startswith("log10 ") and "-2: 1%" in title, title
         # one chart per quantity, every layer on it
         assert found[title] == sorted(f"log10_rel/{quantity}/{t}" for t in TAGS)
-    # The raw per-layer charts follow.
+    # The raw per-layer charts follow, the backward signal (what the verdicts judge) first.
     assert categories[1].title == "gradient flow"
+    assert categories[1].chart[0].title == "backward signal per layer"
 
 
 def test_an_mlp_without_agc_has_only_the_charts_it_logs(mlp_run: Run):

@@ -21,7 +21,7 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gradexp.record import DATA_PLUGIN, SECTION_ORDER, Quantity, StepRecord
+from gradexp.record import CHARTS_FIRST, DATA_PLUGIN, SECTION_ORDER, Quantity, StepRecord
 from gradexp.rundir import json_safe
 from gradexp.verdicts import KINDS, describe
 
@@ -186,9 +186,11 @@ class Tags:
 
         Only what the run declares is charted (no AGC chart without clip=agc, no
         through-time chart without a traced recurrent layer), and the categories come in
-        ``SECTION_ORDER``: the log10 charts relative to the head first."""
+        ``SECTION_ORDER``: the log10 charts relative to the head first; within one, the
+        ``CHARTS_FIRST`` quantities' charts first."""
         sections: dict[str, dict[str, list[Any]]] = {}
-        for q in self.quantities:
+        first = {name: i for i, name in enumerate(CHARTS_FIRST)}
+        for q in sorted(self.quantities, key=lambda q: first.get(q.name, len(first))):
             if q.chart is None or q.kind not in ("layer", "scalar"):
                 continue
             regex = (

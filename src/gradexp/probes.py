@@ -372,18 +372,20 @@ class ParamNormProbe(Probe):
 
 
 class HistogramProbe(Probe):
-    """Histograms of each layer's gradient entries (hist steps), and how many were not
-    finite (counted apart: a histogram holds finite values only)."""
+    """Histograms of log10 |entry| of each layer's gradient (hist steps), and how many
+    entries were not finite (counted apart: a histogram holds finite values only)."""
 
     name = "histogram"
 
     def __init__(self, layers: LayerMap) -> None:
         self.layers = layers
         self.quantities = [
+            # In decades: a starved layer's card reads 1e-8 where the head's reads 1e-2
+            # (TensorBoard scales each card's axis apart; raw entries are a spike at 0).
             Quantity(
-                "grad_hist",
+                "grad_log10",
                 "hist",
-                "histogram of the layer's gradient entries (finite ones)",
+                "histogram of log10 |entry| of the layer's gradient (finite, non-zero entries)",
                 when="hist steps",
             ),
             # One scalar, not one always-zero card per layer: the first non-finite layer
@@ -401,14 +403,14 @@ class HistogramProbe(Probe):
 
     def after_backward(self, ctx: StepContext) -> Stats:
         grads = self.layers.flat_layer_grads(ctx.grads)
-        return {"grad_hist": torch.stack([histogram_stats(g) for g in grads])}
+        return {"grad_log10": torch.stack([histogram_stats(g, log10_abs=True) for g in grads])}
 
     def read(self, host: dict[str, list[float]], record: StepRecord) -> None:
-        flat = host["grad_hist"]
+        flat = host["grad_log10"]
         width = len(flat) // len(self.layers)
         rows = [flat[i * width : (i + 1) * width] for i in range(len(self.layers))]
         record.scalars["grad/nonfinite"] = sum(row[0] for row in rows)
-        record.hists["grad_hist"] = [histogram_from_stats(row) for row in rows]
+        record.hists["grad_log10"] = [histogram_from_stats(row) for row in rows]
 
 
 class SignalProbe(Probe):

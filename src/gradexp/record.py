@@ -17,15 +17,16 @@ from typing import Any, Literal
 
 Kind = Literal["layer", "scalar", "param", "hist", "time"]
 
-# The Custom Scalars categories in the order TensorBoard shows them: the question first
-# (how strong each layer's gradient is next to the head's, on a log10 scale that linear
-# axes, smoothing and the data table's rounding cannot distort), then the raw per-layer
-# charts; a category not named here (a probe added in code) follows, in declaration order.
 # What the gradexp tab reads and no other tab lists (a tensor of JSON text under the
 # gradexp plugin's name): the run's summary.json at its end, its composed config at its
 # start.
 DATA_PLUGIN = "gradexp"
 SUMMARY_DATA, CONFIG_DATA = "gradexp/summary", "gradexp/config"
+
+# The Custom Scalars categories in the order TensorBoard shows them: the question first
+# (how strong each layer's gradient is next to the head's, on a log10 scale that linear
+# axes, smoothing and the data table's rounding cannot distort), then the raw per-layer
+# charts; a category not named here (a probe added in code) follows, in declaration order.
 RELATIVE_SECTION = "gradient flow relative to the head (log10)"
 SECTION_ORDER = (
     RELATIVE_SECTION,
@@ -35,6 +36,9 @@ SECTION_ORDER = (
     "clipping",
     "activation health",
 )
+# Within a category, the charts of these quantities come first (then declaration order):
+# the backward signal is what the verdicts judge.
+CHARTS_FIRST = ("log10_rel/signal_bwd", "signal_bwd")
 
 
 @dataclass(frozen=True)

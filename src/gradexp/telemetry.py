@@ -444,16 +444,23 @@ class TimeProbe:
 HIST_BINS = 64
 
 
-def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
-    """A histogram of the finite entries of ``values``, computed on the device.
+def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS, log10_abs: bool = False) -> torch.Tensor:
+    """A histogram of the finite entries of ``values``, computed on the device; with
+    ``log10_abs``, of log10 |entry| over the finite non-zero entries (a gradient's entries
+    span decades; on a linear axis every layer is one spike at 0).
 
     Returns one vector: [nonfinite count, count, min, max, sum, sum of squares,
-    ``bins`` counts over equal-width bins from min to max]. TensorBoard's own
-    histogram sorts on the host, which costs more than a training step; this is a
-    few elementwise passes (no boolean-mask copy, no sort).
+    ``bins`` counts over equal-width bins from min to max] (count and the rest over the
+    histogrammed values). TensorBoard's own histogram sorts on the host, which costs more
+    than a training step; this is a few elementwise passes (no boolean-mask copy, no sort).
     """
     v = values.detach().float().flatten()
     finite = torch.isfinite(v)
+    nonfinite = (v.numel() - finite.sum()).float()
+    if log10_abs:
+        a = v.abs()
+        finite = finite & (a > 0)  # log10 0 is -inf: exact zeros are left out
+        v = torch.where(finite, a, 1.0).log10()
     n = finite.sum()
     zero = torch.zeros((), device=v.device)
     lo = torch.where(finite, v, math.inf).min()
@@ -466,7 +473,7 @@ def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor
     empty = n == 0
     head = torch.stack(
         [
-            (v.numel() - n).float(),
+            nonfinite,
             n.float(),
             torch.where(empty, zero, lo),
             torch.where(empty, zero, hi),

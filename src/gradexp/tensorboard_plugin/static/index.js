@@ -483,10 +483,13 @@ async function drawSweep(main, current) {
     const asked = state.firstScreen && !needle && state.quantity === 'signal_bwd'
       ? state.firstScreen : getJSON(`./heatmaps?${query}`);
     state.firstScreen = null;
-    Object.assign(sweep.grids, (await asked).grids);
+    Object.assign(sweep.grids, decodeGrids((await asked).grids));
+    // The rest is asked for before the first screen is drawn: the server reads while
+    // this draws (the first screen's runs come again, from the server's cache).
+    const all = getJSON(`./heatmaps?${new URLSearchParams({quantity: state.quantity})}`);
+    all.catch(() => null);
     if (current()) drawCards(main, names, sweep);
-    const all = await getJSON(`./heatmaps?${new URLSearchParams({quantity: state.quantity})}`);
-    Object.assign(sweep.grids, all.grids);
+    Object.assign(sweep.grids, decodeGrids((await all).grids));
     sweep.complete = true;
   }
   if (current()) drawCards(main, names, sweep);
@@ -500,6 +503,24 @@ async function drawSweep(main, current) {
     card.querySelector('.run-status').textContent = status;
     card.dataset.status = status;
   }
+}
+
+// /heatmaps sends each grid's values as float32 bytes (base64, little-endian, layer by
+// layer): rows of numbers here, null where none (NaN) or not finite, as /heatmap has them.
+function decodeGrids(grids) {
+  for (const g of Object.values(grids)) {
+    const text = atob(g.values_f32);
+    const bytes = new Uint8Array(text.length);
+    for (let k = 0; k < text.length; k++) bytes[k] = text.charCodeAt(k);
+    const view = new DataView(bytes.buffer);
+    const cols = g.steps.length;
+    g.values = g.layers.map((_, i) => Array.from({length: cols}, (_, j) => {
+      const v = view.getFloat32(4 * (i * cols + j), true);
+      return Number.isFinite(v) ? v : null;
+    }));
+    delete g.values_f32;
+  }
+  return grids;
 }
 
 function drawCards(main, names, sweep) {
