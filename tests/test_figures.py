@@ -194,8 +194,12 @@ def test_plotted_data_is_the_input():
     assert np.isnan(line(ax["grad_norm"], "step 10").get_ydata()[2])
     assert ax["grad_norm"].get_yscale() == "log"
     # Theory: both as given (the backward one is relative to the head, as the panel).
-    np.testing.assert_allclose(line(ax["signal_fwd"], THEORY_LABEL).get_ydata(), theory["signal_fwd"])
-    np.testing.assert_allclose(line(ax["signal_bwd"], THEORY_LABEL).get_ydata(), theory["signal_bwd"])
+    np.testing.assert_allclose(
+        line(ax["signal_fwd"], THEORY_LABEL).get_ydata(), theory["signal_fwd"]
+    )
+    np.testing.assert_allclose(
+        line(ax["signal_bwd"], THEORY_LABEL).get_ydata(), theory["signal_bwd"]
+    )
     assert legend_texts(fig) == ["step 0", "step 10", THEORY_LABEL]
 
 
@@ -218,7 +222,7 @@ def test_heatmap_is_every_logged_step_relative_to_the_head():
     assert [t.get_text() for t in heat.get_yticklabels()] == layers
     assert heat.get_ylim() == (-0.5, len(layers) - 0.5)
     lo, hi = heat.get_xlim()
-    assert lo < 0 and 30 < hi
+    assert lo < 0 and hi > 30
     (bar,) = [a for a in fig.axes if a.get_label() == "<colorbar>"]
     assert bar.get_ylabel() == "log10(backward signal ÷ head's)"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from torch import nn
 from conftest import TINY, composed, layer_tags, load_events, load_summary, scalar_series
 from gradexp.config import TrainerConfig
 from gradexp.guard import Decision, FiniteGuard
-from gradexp.metrics import NullLogger
+from gradexp.metrics import NullLogger, declared_quantities
 from gradexp.optim import momentum_buffers
 from gradexp.probes import (
     ClipProbe,
@@ -366,11 +367,16 @@ def readme_tags() -> set[str]:
 def test_every_declared_quantity_is_in_the_readme_tag_table(tmp_path: Path, overrides):
     tiny = TINY if "model=lstm" not in overrides else ("data.n_train=64", "data.n_test=16")
     trainer = Trainer(composed(*tiny, QUIET, *overrides), tmp_path, logger=NullLogger())
-    suffix = {"scalar": "", "layer": "/<L>", "hist": "/<L>", "param": "/<name>",
-              "time": "/<L>/t<step>"}  # fmt: skip
     documented = readme_tags()
+    declared = {q.name: q for q in declared_quantities()}
     for q in trainer.quantities:
-        assert q.name + suffix[q.kind] in documented, q
+        # What a run has, its probes' classes declare (the chart may be left out).
+        assert q.name in declared and replace(declared[q.name], chart=q.chart) == q, q
+    for q in declared.values():
+        assert q.name + SUFFIX[q.kind] in documented, q
+
+
+SUFFIX = {"scalar": "", "layer": "/<L>", "hist": "/<L>", "param": "/<name>", "time": "/<L>/t<step>"}
 
 
 # --- CUDA: a step that does not log never waits for the device ---------------------------

@@ -192,7 +192,9 @@ def test_run_summary_reads_as_markdown_not_a_json_dump(mlp_run: Run) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     # The per-layer table: a row per layer, its gradient norm at step 0 as the terminal
     # shows it, then the first-over-last row.
-    by_name = {cells[1]: cells for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+    by_name = {
+        cells[1]: cells for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)
+    }
     for layer in summary["layers"]:
         cells = by_name[layer["name"]]
         assert float(cells[2]) == pytest.approx(layer["grad_norm"]["first"], rel=5e-3)

@@ -434,7 +434,9 @@ def flow_figure(
     else:
         last.set_axis_off()
         if handles:
-            last.legend(handles=list(handles.values()), loc="center", fontsize=9, title="profiles at")
+            last.legend(
+                handles=list(handles.values()), loc="center", fontsize=9, title="profiles at"
+            )
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -11,7 +11,6 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from google.protobuf import struct_pb2
@@ -259,7 +258,7 @@ def run_hparams(cfg: Config, status: str, verdicts: list[dict[str, Any]]) -> dic
 # ``hparams/<tag>`` scalar that is always finite.
 
 HPARAMS_METRIC = "hparams/"
-  # the prefix of the scalars the HParams tab reads
+# the prefix of the scalars the HParams tab reads
 # A column this run's model does not have (an LSTM's depth, an MLP's hidden_size): strings,
 # booleans and lists read "-", numbers -1 (every numeric model key is >= 0 but
 # recurrent_scale and forget_bias, which the model column tells apart).
@@ -310,43 +309,15 @@ def hparam_columns() -> dict[str, tuple[ColumnKind, bool]]:
     return {key: (kind, key in everywhere) for key, kind in kinds.items()}
 
 
-@functools.cache
 def declared_quantities() -> tuple[Quantity, ...]:
-    """Every quantity a run can declare, without a model: ``default_probes`` built over a
-    stand-in of one recurrent layer, in each variant that changes what the probes declare
-    (classification or regression, fp16 or not, each clip mode)."""
-    import torch
-    from torch import nn
+    """Every quantity a run can declare: what each kind of probe declares (``declares``;
+    the clip modes' own statistics), no model built."""
+    from gradexp.probes import PROBES
 
-    from gradexp.clipping import CLIP_MODES
-    from gradexp.probes import default_probes
-    from gradexp.telemetry import LayerMap
-
-    class Recurrent(nn.Module):
-        traceable = True  # the time probe traces it
-
-    layers = LayerMap(["00_x"], ["x"], [Recurrent()], [], [], [], torch.zeros(0, dtype=torch.long))
     out: dict[str, Quantity] = {}
-    for regression in (False, True):
-        for amp in (False, True):
-            for clip in CLIP_MODES:
-                probes = default_probes(
-                    layers=layers,
-                    data=SimpleNamespace(spec=SimpleNamespace(regression=regression)),
-                    scaler=SimpleNamespace(is_enabled=lambda amp=amp: amp),
-                    clip=SimpleNamespace(
-                        cfg=SimpleNamespace(name=clip), stats=CLIP_MODES.get(clip).stats
-                    ),
-                    evaluate=lambda: None,
-                    buffers=None,
-                    device=torch.device("cpu"),
-                    start_step=0,
-                    per_param=True,
-                    time_samples=0,
-                    sustain=1,
-                )
-                for q in (q for p in probes for q in p.quantities):
-                    out.setdefault(q.name, q)
+    for probe in PROBES:
+        for q in probe.declared():
+            out.setdefault(q.name, q)
     return tuple(out.values())
 
 

@@ -19,8 +19,8 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -116,11 +116,25 @@ class StepContext:
 
 
 class Probe:
-    """The base: a probe that measures nothing, in no phase. Subclasses declare
-    ``quantities`` and override the phases they act in."""
+    """The base: a probe that measures nothing, in no phase. Subclasses declare in
+    ``declares`` every quantity they can measure, whatever the run; an instance's
+    ``quantities`` are those of its run (all of them unless it narrows them); they
+    override the phases they act in."""
 
     name = "probe"  # its key in the checkpoint
+    declares: ClassVar[tuple[Quantity, ...]] = ()
     quantities: Sequence[Quantity] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "quantities" not in vars(cls):
+            cls.quantities = cls.declares
+
+    @classmethod
+    def declared(cls) -> tuple[Quantity, ...]:
+        """Every quantity this kind of probe can declare (no model needed): what the
+        HParams experiment and the README's tag table are built from."""
+        return cls.declares
 
     def active(self, plan: StepPlan) -> bool:
         return plan.log
@@ -166,56 +180,34 @@ class TaskProbe(Probe):
     learning rate, the speed, the fp16 loss scale."""
 
     name = "task"
+    _task: ClassVar[dict[str, Any]] = {"section": "task", "kind": "scalar", "summary": True}
+    ACC_TRAIN = Quantity(
+        "acc/train", doc="training accuracy of the batch", chart=ACC_CHART, **_task
+    )
+    AMP_SCALE = Quantity(
+        "amp/scale", "scalar", "the gradient scaler's scale", when="trainer.amp=fp16"
+    )
+    declares = (
+        Quantity("loss/train", doc="training loss of the batch", chart=LOSS_CHART, **_task),
+        Quantity(
+            "loss/baseline",
+            doc="the loss of the best input-blind prediction",
+            chart=LOSS_CHART,
+            **_task,
+        ),
+        ACC_TRAIN,
+        Quantity("opt/lr", "scalar", "the learning rate of the step's update"),
+        Quantity("perf/steps_per_s", "scalar", "training speed since the last log step"),
+        AMP_SCALE,
+    )
 
     def __init__(self, data: Dataset, scaler: torch.amp.GradScaler, start_step: int) -> None:
         self.data = data
         self.scaler = scaler
         self.last = (time.perf_counter(), start_step - 1)
-        loss_chart, acc_chart = LOSS_CHART, None if data.spec.regression else ACC_CHART
-        task = {"section": "task", "kind": "scalar"}
-        self.quantities = [
-            Quantity(
-                "loss/train",
-                doc="training loss of the batch",
-                chart=loss_chart,
-                summary=True,
-                **task,
-            ),
-            Quantity(
-                "loss/baseline",
-                doc="the loss of the best input-blind prediction",
-                chart=loss_chart,
-                summary=True,
-                **task,
-            ),
-            *(
-                [
-                    Quantity(
-                        "acc/train",
-                        doc="training accuracy of the batch",
-                        chart=acc_chart,
-                        summary=True,
-                        **task,
-                    )
-                ]
-                if acc_chart
-                else []
-            ),
-            Quantity("opt/lr", "scalar", "the learning rate of the step's update"),
-            Quantity("perf/steps_per_s", "scalar", "training speed since the last log step"),
-            *(
-                [
-                    Quantity(
-                        "amp/scale",
-                        "scalar",
-                        "the gradient scaler's scale",
-                        when="trainer.amp=fp16",
-                    )
-                ]
-                if scaler.is_enabled()
-                else []
-            ),
-        ]
+        left_out = {self.ACC_TRAIN} if data.spec.regression else set()
+        left_out |= set() if scaler.is_enabled() else {self.AMP_SCALE}
+        self.quantities = [q for q in self.declares if q not in left_out]
 
     def after_backward(self, ctx: StepContext) -> Stats:
         out: Stats = {"loss/train": ctx.loss, "loss/baseline": self.data.baseline, "opt/lr": ctx.lr}
@@ -237,30 +229,20 @@ class EvalProbe(Probe):
     """Loss and accuracy on the whole test set, on eval steps (after the update)."""
 
     name = "eval"
+    _task: ClassVar[dict[str, Any]] = {
+        "section": "task", "kind": "scalar", "summary": True, "when": "eval steps"
+    }  # fmt: skip
+    ACC_TEST = Quantity("acc/test", doc="accuracy on the whole test set", chart=ACC_CHART, **_task)
+    declares = (
+        Quantity(
+            "loss/test", doc="loss on the whole test set (eval mode)", chart=LOSS_CHART, **_task
+        ),
+        ACC_TEST,
+    )
 
     def __init__(self, evaluate: Callable[[], torch.Tensor], regression: bool) -> None:
         self.evaluate = evaluate
-        task = {"section": "task", "kind": "scalar", "summary": True, "when": "eval steps"}
-        self.quantities = [
-            Quantity(
-                "loss/test",
-                doc="loss on the whole test set (eval mode)",
-                chart=LOSS_CHART,
-                **task,
-            ),
-            *(
-                []
-                if regression
-                else [
-                    Quantity(
-                        "acc/test",
-                        doc="accuracy on the whole test set",
-                        chart=ACC_CHART,
-                        **task,
-                    )
-                ]
-            ),
-        ]
+        self.quantities = [q for q in self.declares if not (regression and q is self.ACC_TEST)]
 
     def active(self, plan: StepPlan) -> bool:
         return plan.eval
@@ -281,49 +263,46 @@ class GradNormProbe(Probe):
     total norm: the core of the gradient-flow picture."""
 
     name = "grad_norm"
+    _total: ClassVar[dict[str, Any]] = {
+        "kind": "scalar", "chart": "total gradient norm", "section": "clipping", "log_scale": True
+    }  # fmt: skip
+    CLIPPED = (
+        Quantity(
+            "grad_norm_clipped",
+            doc="‖∂L/∂W‖ after clipping",
+            when="log steps, clip != none",
+            log_scale=True,
+        ),
+        Quantity(
+            "grad/norm_post_clip",
+            doc="total gradient norm after clipping",
+            when="log steps, clip != none",
+            **_total,
+        ),
+    )
+    declares = (
+        Quantity(
+            "grad_norm",
+            doc="‖∂L/∂W‖ of the layer's parameters, before clipping",
+            chart="gradient norm per layer",
+            log_scale=True,
+            summary=True,
+        ),
+        relative("grad_norm", "grad_norm", GRAD_REL_CHART),
+        Quantity("grad/norm_pre_clip", doc="total gradient norm before clipping", **_total),
+        Quantity(
+            "flow/grad_norm_ratio",
+            "scalar",
+            summary=True,
+            doc="grad_norm of the first layer / the last",
+        ),
+        *CLIPPED,
+    )
 
     def __init__(self, layers: LayerMap, clipping: bool) -> None:
         self.layers = layers
         self.clipping = clipping
-        total = {
-            "kind": "scalar",
-            "chart": "total gradient norm",
-            "section": "clipping",
-            "log_scale": True,
-        }
-        quantities = [
-            Quantity(
-                "grad_norm",
-                doc="‖∂L/∂W‖ of the layer's parameters, before clipping",
-                chart="gradient norm per layer",
-                log_scale=True,
-                summary=True,
-            ),
-            relative("grad_norm", "grad_norm", GRAD_REL_CHART),
-            Quantity("grad/norm_pre_clip", doc="total gradient norm before clipping", **total),
-            Quantity(
-                "flow/grad_norm_ratio",
-                "scalar",
-                summary=True,
-                doc="grad_norm of the first layer / the last",
-            ),
-        ]
-        if clipping:
-            quantities += [
-                Quantity(
-                    "grad_norm_clipped",
-                    doc="‖∂L/∂W‖ after clipping",
-                    when="log steps, clip != none",
-                    log_scale=True,
-                ),
-                Quantity(
-                    "grad/norm_post_clip",
-                    doc="total gradient norm after clipping",
-                    when="log steps, clip != none",
-                    **total,
-                ),
-            ]
-        self.quantities = quantities
+        self.quantities = [q for q in self.declares if clipping or q not in self.CLIPPED]
 
     def after_backward(self, ctx: StepContext) -> Stats:
         assert ctx.grad_sq is not None
@@ -356,16 +335,14 @@ class ParamNormProbe(Probe):
     """
 
     name = "param_norm"
-
-    def __init__(self) -> None:
-        self.quantities = [
-            Quantity(
-                "grad_norm_param",
-                "param",
-                "each parameter's gradient norm",
-                when="trainer.per_param=true",
-            )
-        ]
+    declares = (
+        Quantity(
+            "grad_norm_param",
+            "param",
+            "each parameter's gradient norm",
+            when="trainer.per_param=true",
+        ),
+    )
 
     def after_backward(self, ctx: StepContext) -> Stats:
         return {"grad_norm_param": telemetry.tensor_norms(ctx.grads)}
@@ -376,27 +353,27 @@ class HistogramProbe(Probe):
     entries were not finite (counted apart: a histogram holds finite values only)."""
 
     name = "histogram"
+    declares = (
+        # In decades: a starved layer's card reads 1e-8 where the head's reads 1e-2
+        # (TensorBoard scales each card's axis apart; raw entries are a spike at 0).
+        Quantity(
+            "grad_log10",
+            "hist",
+            "histogram of log10 |entry| of the layer's gradient (finite, non-zero entries)",
+            when="hist steps",
+        ),
+        # One scalar, not one always-zero card per layer: the first non-finite layer is
+        # named by summary.json's nonfinite and the verdicts.
+        Quantity(
+            "grad/nonfinite",
+            "scalar",
+            "count of non-finite gradient entries over all layers",
+            when="hist steps",
+        ),
+    )
 
     def __init__(self, layers: LayerMap) -> None:
         self.layers = layers
-        self.quantities = [
-            # In decades: a starved layer's card reads 1e-8 where the head's reads 1e-2
-            # (TensorBoard scales each card's axis apart; raw entries are a spike at 0).
-            Quantity(
-                "grad_log10",
-                "hist",
-                "histogram of log10 |entry| of the layer's gradient (finite, non-zero entries)",
-                when="hist steps",
-            ),
-            # One scalar, not one always-zero card per layer: the first non-finite layer
-            # is named by summary.json's nonfinite and the verdicts.
-            Quantity(
-                "grad/nonfinite",
-                "scalar",
-                "count of non-finite gradient entries over all layers",
-                when="hist steps",
-            ),
-        ]
 
     def active(self, plan: StepPlan) -> bool:
         return plan.hist
@@ -418,34 +395,34 @@ class SignalProbe(Probe):
     dl/dh (see telemetry.SignalProbe): hooks on log steps only."""
 
     name = "signal"
+    declares = (
+        Quantity(
+            "signal_bwd",
+            doc="backward signal: per-example RMS of ∂ℓ/∂h",
+            chart="backward signal per layer",
+            log_scale=True,
+            summary=True,
+        ),
+        relative("signal_bwd", "backward signal (signal_bwd)", SIGNAL_REL_CHART),
+        Quantity(
+            "signal_fwd",
+            doc="forward signal: RMS of the layer output h",
+            chart="forward signal per layer",
+            log_scale=True,
+            summary=True,
+        ),
+        Quantity(
+            "flow/signal_bwd_ratio",
+            "scalar",
+            summary=True,
+            doc="signal_bwd of the first layer / the last",
+        ),
+        Quantity("flow/signal_fwd_ratio", "scalar", "signal_fwd of the first layer / the last"),
+    )
 
     def __init__(self, layers: LayerMap, scaler: torch.amp.GradScaler, device: torch.device):
         self.layers, self.scaler, self.device = layers, scaler, device
         self.probe: telemetry.SignalProbe | None = None
-        self.quantities = [
-            Quantity(
-                "signal_bwd",
-                doc="backward signal: per-example RMS of ∂ℓ/∂h",
-                chart="backward signal per layer",
-                log_scale=True,
-                summary=True,
-            ),
-            relative("signal_bwd", "backward signal (signal_bwd)", SIGNAL_REL_CHART),
-            Quantity(
-                "signal_fwd",
-                doc="forward signal: RMS of the layer output h",
-                chart="forward signal per layer",
-                log_scale=True,
-                summary=True,
-            ),
-            Quantity(
-                "flow/signal_bwd_ratio",
-                "scalar",
-                summary=True,
-                doc="signal_bwd of the first layer / the last",
-            ),
-            Quantity("flow/signal_fwd_ratio", "scalar", "signal_fwd of the first layer / the last"),
-        ]
 
     def hooks(self) -> contextlib.AbstractContextManager:
         self.probe = telemetry.SignalProbe(self.layers.modules)
@@ -472,6 +449,20 @@ class TimeProbe(Probe):
     recurrent layer unrolled in Python (see telemetry.TimeProbe)."""
 
     name = "time"
+    declares = (
+        Quantity(
+            "time_grad",
+            "time",
+            "‖∂L/∂h_t‖ at trainer.time_samples time steps",
+            when="log steps, recurrent models",
+        ),
+        Quantity(
+            "flow/time_grad_ratio",
+            "scalar",
+            summary=True,
+            doc="‖∂L/∂h_0‖ / ‖∂L/∂h_{T-1}‖ of the recurrent layer nearest the loss",
+        ),
+    )
 
     def __init__(self, layers: LayerMap, samples: int) -> None:
         self.traced = [
@@ -482,20 +473,6 @@ class TimeProbe(Probe):
         self.steps: dict[str, list[int]] = {}  # layer name -> the sampled time steps
         self.samples = samples
         self.probe: telemetry.TimeProbe | None = None
-        self.quantities = [
-            Quantity(
-                "time_grad",
-                "time",
-                "‖∂L/∂h_t‖ at trainer.time_samples time steps",
-                when="log steps, recurrent models",
-            ),
-            Quantity(
-                "flow/time_grad_ratio",
-                "scalar",
-                summary=True,
-                doc="‖∂L/∂h_0‖ / ‖∂L/∂h_{T-1}‖ of the recurrent layer nearest the loss",
-            ),
-        ]
 
     def hooks(self) -> contextlib.AbstractContextManager:
         self.probe = telemetry.TimeProbe([m for _, _, m in self.traced], self.samples)
@@ -529,6 +506,22 @@ class WeightProbe(Probe):
     """
 
     name = "weight"
+    declares = (
+        Quantity(
+            "weight_norm",
+            doc="‖W‖ of the layer's parameters",
+            chart="weight norm per layer",
+            log_scale=True,
+            summary=True,
+        ),
+        Quantity(
+            "update_ratio",
+            doc="‖ΔW‖ / ‖W‖ of the step's update",
+            chart="update/weight ratio per layer",
+            log_scale=True,
+            summary=True,
+        ),
+    )
 
     def __init__(
         self, layers: LayerMap, buffers: Callable[[], list[torch.Tensor] | None] | None = None
@@ -539,22 +532,6 @@ class WeightProbe(Probe):
         self.weight = torch.zeros(len(layers))
         self.lr = 0.0
         self.read_buffers = False
-        self.quantities = [
-            Quantity(
-                "weight_norm",
-                doc="‖W‖ of the layer's parameters",
-                chart="weight norm per layer",
-                log_scale=True,
-                summary=True,
-            ),
-            Quantity(
-                "update_ratio",
-                doc="‖ΔW‖ / ‖W‖ of the step's update",
-                chart="update/weight ratio per layer",
-                log_scale=True,
-                summary=True,
-            ),
-        ]
 
     def before_update(self, ctx: StepContext) -> Stats:
         params = [p.detach() for p in self.layers.params]
@@ -588,15 +565,9 @@ class ActivationHealthProbe(Probe):
     saved in checkpoints)."""
 
     name = "activation_health"
-
-    def __init__(self, layers: LayerMap, sustain: int, device: torch.device) -> None:
-        self.acts = telemetry.activation_modules(layers.modules)
-        self.n = len(layers)
-        self.device = device
-        self.dead_units = telemetry.DeadUnits(self.acts, self.n, sustain)
-        self.probe: telemetry.ActivationProbe | None = None
-        has = set(telemetry.health_quantities(self.acts))
-        docs = {
+    declares = tuple(
+        Quantity(key, doc=doc, sparse=True, chart=title, section="activation health", summary=True)
+        for key, (title, doc) in {
             "act_mean": ("activation mean per layer", "mean of the layer's activation outputs"),
             "act_std": ("activation std per layer", "std of the layer's activation outputs"),
             "sat_frac": (
@@ -604,18 +575,19 @@ class ActivationHealthProbe(Probe):
                 "share of sigmoid/tanh outputs in the flat regions",
             ),
             "dead_frac": ("dead units per layer", "share of the layer's units dead in the batch"),
-        }
-        self.quantities = [
-            Quantity(
-                key,
-                doc=doc,
-                sparse=True,
-                chart=title if key in has else None,
-                section="activation health",
-                summary=True,
-            )
-            for key, (title, doc) in docs.items()
-        ]
+        }.items()
+    )
+
+    def __init__(self, layers: LayerMap, sustain: int, device: torch.device) -> None:
+        self.acts = telemetry.activation_modules(layers.modules)
+        self.n = len(layers)
+        self.device = device
+        self.dead_units = telemetry.DeadUnits(self.acts, self.n, sustain)
+        self.probe: telemetry.ActivationProbe | None = None
+        # A chart only for what the model's activations have (no saturation without
+        # sigmoid/tanh); the values stay declared, NaN where a layer has none.
+        has = set(telemetry.health_quantities(self.acts))
+        self.quantities = [q if q.name in has else replace(q, chart=None) for q in self.declares]
 
     def hooks(self) -> contextlib.AbstractContextManager:
         self.probe = telemetry.ActivationProbe(self.acts, self.n)
@@ -643,6 +615,17 @@ class ClipProbe(Probe):
     """The clip mode's own statistics, as it declares them (clipping.ClipMode.stats)."""
 
     name = "clip"
+
+    @classmethod
+    def declared(cls) -> tuple[Quantity, ...]:
+        """Every registered clip mode's statistics (clipping.ClipMode.stats)."""
+        from gradexp.clipping import CLIP_MODES
+
+        return tuple(
+            dict.fromkeys(
+                q for name in CLIP_MODES.names() for q in CLIP_MODES.get(name).stats.values()
+            )
+        )
 
     def __init__(self, mode: ClipMode) -> None:
         self.declared = dict(mode.stats)
@@ -688,6 +671,21 @@ def to_host(stats: Stats) -> dict[str, list[float]]:
         offset += v.numel()
     host.update({k: [float(v)] for k, v in stats.items() if not isinstance(v, torch.Tensor)})
     return host
+
+
+# Every kind of probe a run can have (default_probes), in its order.
+PROBES: tuple[type[Probe], ...] = (
+    TaskProbe,
+    EvalProbe,
+    GradNormProbe,
+    SignalProbe,
+    WeightProbe,
+    ActivationHealthProbe,
+    HistogramProbe,
+    ClipProbe,
+    TimeProbe,
+    ParamNormProbe,
+)
 
 
 def default_probes(

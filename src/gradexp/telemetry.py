@@ -444,7 +444,9 @@ class TimeProbe:
 HIST_BINS = 64
 
 
-def histogram_stats(values: torch.Tensor, bins: int = HIST_BINS, log10_abs: bool = False) -> torch.Tensor:
+def histogram_stats(
+    values: torch.Tensor, bins: int = HIST_BINS, log10_abs: bool = False
+) -> torch.Tensor:
     """A histogram of the finite entries of ``values``, computed on the device; with
     ``log10_abs``, of log10 |entry| over the finite non-zero entries (a gradient's entries
     span decades; on a linear axis every layer is one spike at 0).
