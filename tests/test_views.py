@@ -129,7 +129,28 @@ def test_an_lstm_run_has_the_through_time_chart(lstm_run: Run):
     time_charts = [t for t in found if t.startswith("||dL/dh_t|| per time step")]
     assert len(time_charts) == 1
     assert all(t.startswith("time_grad/") for t in found[time_charts[0]])
+    # The same chart in log10 over the last time step's, in the first section.
+    first = layout(lstm_run).category[0]
+    (relative,) = [c.title for c in first.chart if "dL/dh_t" in c.title]
+    assert relative.startswith("log10 ||dL/dh_t||")
+    assert found[relative] == sorted("log10_rel/" + t for t in found[time_charts[0]])
     assert not any("AGC" in t for t in found)
+
+
+def test_log10_relative_through_time_is_the_raw_over_the_last_time_step(lstm_run: Run):
+    scalars = lstm_run.events.Tags()["scalars"]
+    raw = sorted(t for t in scalars if t.startswith("time_grad/"))
+    last = raw[-1]  # t sorts zero-padded: the last time step
+    assert raw
+    for tag in raw:
+        for (step, value), (_, head) in zip(
+            scalar_series(lstm_run.events, tag), scalar_series(lstm_run.events, last)
+        ):
+            relative = dict(scalar_series(lstm_run.events, "log10_rel/" + tag))
+            if value > 0 and head > 0:
+                assert relative[step] == pytest.approx(math.log10(value / head), abs=1e-5)
+            else:
+                assert step not in relative
 
 
 # --- non-finite gradients: one scalar ------------------------------------------------------

@@ -20,7 +20,15 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gradexp.record import CHARTS_FIRST, DATA_PLUGIN, SECTION_ORDER, Quantity, StepRecord
+from gradexp.record import (
+    CHARTS_FIRST,
+    DATA_PLUGIN,
+    RELATIVE_PREFIX,
+    SECTION_ORDER,
+    Quantity,
+    StepRecord,
+    log10_relative,
+)
 from gradexp.rundir import json_safe
 from gradexp.verdicts import KINDS, describe
 
@@ -157,10 +165,12 @@ class Tags:
                     if not (q.sparse and math.isnan(v)):
                         out[tag] = v
             elif q.kind == "time":
+                relative = q.name.startswith(RELATIVE_PREFIX)
                 for name, (steps, norms) in record.time.items():
                     pad = len(str(steps[-1]))
-                    for t, v in zip(steps, norms):
-                        out[f"{q.name}/{self.tag_of[name]}/t{t:0{pad}d}"] = v
+                    for t, v in zip(steps, log10_relative(norms) if relative else norms):
+                        if not (q.sparse and math.isnan(v)):
+                            out[f"{q.name}/{self.tag_of[name]}/t{t:0{pad}d}"] = v
         return out
 
     def histograms(self, record: StepRecord) -> list[tuple[str, dict[str, Any]]]:
@@ -197,17 +207,11 @@ class Tags:
             )
             chart = sections.setdefault(q.section, {}).setdefault(q.chart, ["Multiline", []])
             chart[1].append(regex)
-        timed = [q.name for q in self.quantities if q.kind == "time"]
-        through_time = {
-            f"||dL/dh_t|| per time step, {tag}": [
-                "Multiline",
-                [rf"^{re.escape(name)}/{re.escape(tag)}/" for name in timed],
-            ]
-            for tag in (self.tag_of[name] for name in time_layers)
-            if timed
-        }
-        if through_time:
-            sections["gradient through time"] = through_time
+        # Through time: per recurrent layer traced, one chart of every logged time step.
+        for q in (q for q in self.quantities if q.kind == "time" and q.chart):
+            for tag in (self.tag_of[name] for name in time_layers):
+                regex = rf"^{re.escape(q.name)}/{re.escape(tag)}/"
+                sections.setdefault(q.section, {})[f"{q.chart}, {tag}"] = ["Multiline", [regex]]
         rank = {name: i for i, name in enumerate(SECTION_ORDER)}
         order = sorted(sections, key=lambda s: rank.get(s, len(rank)))  # stable
         return {name: sections[name] for name in order}

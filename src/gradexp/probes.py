@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from gradexp import telemetry
-from gradexp.record import RELATIVE_SECTION, Quantity, StepRecord, log10_relative, ratio
+from gradexp.record import RELATIVE_PREFIX, RELATIVE_SECTION, Quantity, StepRecord, log10_relative, ratio
 from gradexp.telemetry import LayerMap, histogram_from_stats, histogram_stats
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def relative(name: str, what: str, chart: str) -> Quantity:
     invent a decay; the head reads 0. A zero or non-finite value is not logged (sparse).
     """
     return Quantity(
-        f"log10_rel/{name}",
+        f"{RELATIVE_PREFIX}{name}",
         doc=f"log10 of the layer's {what} over the head's (0: the head's; -2: 1% of it;"
         " not logged where either is zero or not finite)",
         sparse=True,
@@ -455,6 +455,20 @@ class TimeProbe(Probe):
             "time",
             "‖∂L/∂h_t‖ at trainer.time_samples time steps",
             when="log steps, recurrent models",
+            chart="||dL/dh_t|| per time step",
+            section="gradient through time",
+        ),
+        # In log10 over the last time step's: TensorBoard's smoothing cannot smear a 5e6
+        # at step 0 into a neat decay, nor its data table round 1e-5 to 0.
+        Quantity(
+            f"{RELATIVE_PREFIX}time_grad",
+            "time",
+            "log10 of ‖∂L/∂h_t‖ over the last time step's (0: as strong; -2: 1% of it; not"
+            " logged where either is zero)",
+            when="log steps, recurrent models",
+            sparse=True,
+            chart="log10 ||dL/dh_t|| / the last time step's (-2: 1% of it)",
+            section=RELATIVE_SECTION,
         ),
         Quantity(
             "flow/time_grad_ratio",

@@ -28,6 +28,9 @@ SUMMARY_DATA, CONFIG_DATA = "gradexp/summary", "gradexp/config"
 # axes, smoothing and the data table's rounding cannot distort), then the raw per-layer
 # charts; a category not named here (a probe added in code) follows, in declaration order.
 RELATIVE_SECTION = "gradient flow relative to the head (log10)"
+# A quantity named RELATIVE_PREFIX + <name> is log10 of <name> over its last entry (the
+# head's; through time, the last time step's): 0 for it, -2 at 1% of it.
+RELATIVE_PREFIX = "log10_rel/"
 SECTION_ORDER = (
     RELATIVE_SECTION,
     "gradient flow",
