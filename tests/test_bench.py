@@ -81,3 +81,18 @@ def test_plugin_benchmark_times_the_tab_in_a_browser(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for view in ("first screen drawn", "every run drawn", "one run opened"):
         assert view in proc.stdout, proc.stdout
+
+
+def test_verdict_thresholds_script_separates_blow_ups_from_learning_runs():
+    script = REPO_ROOT / "scripts" / "verdict_thresholds.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "40", "--seeds", "0", "--only", "blows up"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "blows up" in line]
+    assert len(rows) == 3, proc.stdout
+    for row in rows:
+        max_loss, _, growth, _ = (float(x) for x in row.split()[-4:])
+        # well past the default thresholds (10x), as the README's measurement says
+        assert max_loss > 10 and growth > 10, row

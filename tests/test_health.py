@@ -29,7 +29,7 @@ from gradexp.metrics import NullLogger
 from gradexp.models import create_model
 from gradexp.telemetry import ActivationProbe, DeadUnits, LayerMap, activation_modules
 from gradexp.train import run
-from gradexp.verdicts import KINDS
+from gradexp.verdicts import KINDS, describe
 
 CPU = torch.device("cpu")
 
@@ -428,3 +428,18 @@ def test_jacobian_on_a_model_other_than_mlp_is_a_one_line_error(tmp_path: Path, 
     r = cli(["train", "model=cnn", "diagnose.jacobian=true"], tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "diagnose.jacobian=true: model=cnn; choose model=mlp" in r.stderr
+
+
+def test_a_finite_blow_up_is_judged_diverged_while_the_status_stays_completed(
+    tmp_path: Path,
+) -> None:
+    run = train(tmp_path, *TINY, "trainer.steps=30", "trainer.log_every=3", "optim.lr=100").ok()
+    assert run.summary["status"] == "completed"
+    (v,) = [v for v in run.summary["verdicts"] if v["kind"] == "diverged"]
+    losses = dict(scalar_series(run.events, "loss/train"))
+    e = v["evidence"]
+    assert e["axis"] == "loss" and e["loss_start"] == pytest.approx(losses[0], rel=1e-6)
+    assert e["loss"] == pytest.approx(losses[v["step"]], rel=1e-6)
+    assert e["loss"] > 10 * max(e["loss_start"], e["baseline"])
+    assert all(math.isfinite(x) for x in losses.values())
+    assert "still finite" in describe(v) and "verdicts: diverged" in run.proc.stdout

@@ -26,7 +26,11 @@ def record(step: int, bwd: list[float], **kw) -> StepRecord:
         "sat_frac": kw.get("sat", [NAN] * n),
         "dead_frac": kw.get("dead", [NAN] * n),
     }
+    if "weights" in kw:
+        layers["weight_norm"] = kw["weights"]
     scalars = {"grad/norm_pre_clip": kw.get("total", 1.0)}
+    if "loss" in kw:
+        scalars.update({"loss/train": kw["loss"], "loss/baseline": kw.get("baseline", 2.3)})
     return StepRecord(step, scalars, layers, kw.get("time", {}))
 
 
@@ -200,3 +204,67 @@ def test_where_and_when_names_the_layers_the_span_and_the_outcome() -> None:
     exploding = where_and_when(names, [record(0, [500.0, 1.0, 1.0, 1.0])], cfg)
     assert exploding == "hidden.0 above 100x the head's backward signal, step 0, to the end"
     assert where_and_when(names, [], cfg) is None
+
+
+# --- finite blow-ups -----------------------------------------------------------------------
+
+
+def test_a_finite_loss_blow_up_is_diverged_with_its_evidence():
+    # The loss climbs from 2.3 to 6e6 over steps 30..90, every value finite; the head's
+    # weights grow 1000x while the others stay put.
+    losses = [2.3, 2.1, 2.2, 40.0, 9e2, 3e4, 6e6, 5e6, 6e6, 6e6]
+    weights = lambda k: [1.0, 1.0, 1.0, 1.0 if k < 3 else 1000.0]  # noqa: E731
+    records = [
+        record(10 * k, HEALTHY, loss=loss, weights=weights(k)) for k, loss in enumerate(losses)
+    ]
+    verdicts = judge(LAYERS, records, CFG)
+    assert kinds(verdicts) == ["diverged"]
+    (v,) = verdicts
+    assert (v["step"], v["layer"]) == (30, "head")  # the first of 3 log steps above 10x
+    e = v["evidence"]
+    assert e["axis"] == "loss" and e["loss_start"] == 2.3 and e["baseline"] == 2.3
+    assert e["loss"] == pytest.approx(40.0) and e["ratio"] == pytest.approx(40.0 / 2.3)
+    assert (e["until"], e["held"], e["weight_growth"]) == (90, "7/10", 1000.0)
+    text = describe(v)
+    assert "rose to 40 from 2.3 at step 0" in text and "still finite" in text
+    assert "weights of head x1e+03" in text
+
+
+def test_the_reference_is_the_higher_of_the_start_and_the_baseline():
+    # A run that starts far above its baseline (a bad init) and comes down: no blow-up,
+    # although late losses are 10x the baseline.
+    losses = [80.0, 60.0, 40.0, 30.0, 25.0]
+    records = [record(10 * k, HEALTHY, loss=v, baseline=2.3) for k, v in enumerate(losses)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+
+
+def test_an_oscillating_loss_without_trend_is_no_verdict():
+    losses = [2.3 * (1 + 0.8 * math.sin(k)) + 3 * (k % 2) for k in range(30)]  # 0.5x .. 3x
+    records = [record(10 * k, HEALTHY, loss=v, weights=[1.0] * 4) for k, v in enumerate(losses)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+    # one spike above 10x: not sustained
+    losses[10] = 500.0
+    records = [record(10 * k, HEALTHY, loss=v, weights=[1.0] * 4) for k, v in enumerate(losses)]
+    assert kinds(judge(LAYERS, records, CFG)) == ["healthy"]
+
+
+def test_weights_that_blow_up_alone_are_exploding():
+    growth = [1.0, 2.0, 30.0, 300.0, 3000.0]
+    records = [
+        record(10 * k, HEALTHY, loss=2.3, weights=[1.0, 2.0 * g, 1.0, 1.0])
+        for k, g in enumerate(growth)
+    ]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["layer"], v["step"]) == ("exploding", "hidden.1", 20)
+    assert v["evidence"]["axis"] == "weights" and v["evidence"]["ratio"] == pytest.approx(30.0)
+    assert "weight norm x30 its step-0 value > 10" in describe(v)
+    # thresholds are diagnose.* keys
+    lenient = DiagnoseConfig(weight_growth=1e4)
+    assert kinds(judge(LAYERS, records, lenient)) == ["healthy"]
+
+
+def test_a_nonfinite_run_is_not_judged_twice():
+    records = [record(10 * k, HEALTHY, loss=v) for k, v in enumerate([2.3, 1e3, 1e4, 1e5])]
+    verdicts = judge(LAYERS, records, CFG, nonfinite={"step": 40, "layer": "head"})
+    assert kinds(verdicts) == ["diverged"]
+    assert verdicts[0]["evidence"]["quantity"] == "loss or gradient non-finite"

@@ -772,6 +772,8 @@ class DiagnoseConfig(Schema):
         "saturated_frac": Range(0, 1, low_open=True),
         "dead_frac": Range(0, 1, low_open=True),
         "sustain": SIZE,
+        "loss_blowup": Range(1, low_open=True),
+        "weight_growth": Range(1, low_open=True),
     }
 
     vanishing_ratio: float = 1e-2  # first layer's (time step's) backward signal / last's below
@@ -780,6 +782,10 @@ class DiagnoseConfig(Schema):
     saturated_frac: float = 0.5  # a layer's saturated share of units at or above this
     dead_frac: float = 0.5  # a layer's share of units dead for good at or above this
     sustain: int = 3  # consecutive log steps a ratio must hold (all of them in shorter runs)
+    # A finite blow-up (scripts/verdict_thresholds.py: runs that learn or stall peak at
+    # 1-3.3x on both; lr 30-1000 blow-ups at 240-2900x loss and 166-4000x weights):
+    loss_blowup: float = 10.0  # training loss over max(its step-0 value, the baseline) above
+    weight_growth: float = 10.0  # a layer's weight norm over its step-0 value above
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
     def validate(self) -> None:

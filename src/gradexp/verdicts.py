@@ -15,6 +15,12 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
   (before it the gradient is cut off by design, not vanished).
 - exploding, past a bound: the total gradient norm above ``grad_bound`` at any logging
   step (one spike is enough); ``layer`` is the layer with the largest gradient then.
+- diverged, finite: the training loss above ``loss_blowup`` times where it started (or
+  the task's baseline, whichever is higher) at ``sustain`` consecutive logging steps,
+  everything still finite (the run's status stays completed); ``layer`` is the layer
+  whose weight norm grew most.
+- exploding, weights: a layer's weight norm above ``weight_growth`` times its step-0
+  value at ``sustain`` consecutive logging steps, the loss not (yet) blown up.
 - saturated: a layer with at least ``saturated_frac`` of its sigmoid/tanh outputs in
   the flat regions at ``sustain`` consecutive logging steps (the layer that does so
   first).
@@ -186,6 +192,84 @@ def _past_bound(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfi
     return None
 
 
+def _weight_growth(layers: list[str], records: list[StepRecord]) -> list[tuple[int, list[float]]]:
+    """Per logging step, each layer's weight norm over its value at the first step (NaN
+    where not measurable)."""
+    if not records:
+        return []
+    first = records[0].layer("weight_norm", len(layers))
+    out = []
+    for r in records:
+        now = r.layer("weight_norm", len(layers))
+        out.append(
+            (
+                r.step,
+                [
+                    v / f if _finite(v) and _finite(f) and f > 0 else math.nan
+                    for v, f in zip(now, first)
+                ],
+            )
+        )
+    return out
+
+
+def _blowup(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
+    """A finite blow-up: the loss far above where it started, or a layer's weights far
+    above their start, sustained (a non-finite run is judged ``diverged`` already)."""
+    growth = _weight_growth(layers, records)
+
+    def grown(at: int) -> tuple[float, str] | None:
+        row = dict(growth).get(at, [])
+        finite = [(g, name) for g, name in zip(row, layers) if _finite(g)]
+        return max(finite) if finite else None
+
+    losses = [(r.step, r.scalars.get("loss/train")) for r in records]
+    start = losses[0][1] if losses else None
+    baseline = records[0].scalars.get("loss/baseline") if records else None
+    refs = [v for v in (start, baseline) if _finite(v) and v > 0]
+    if refs:
+        ref = max(refs)
+        rises = [(step, v / ref if _finite(v) else None) for step, v in losses]
+        found = sustained(rises, lambda v: v > cfg.loss_blowup, cfg.sustain)
+        if found is not None:
+            at = grown(found["until"])
+            return {
+                "kind": "diverged",
+                "layer": at[1] if at else None,
+                "step": found["step"],
+                "evidence": {
+                    "axis": "loss",
+                    "quantity": "loss/train / max(step 0, baseline)",
+                    "loss_start": start,
+                    "baseline": baseline,
+                    "loss": found["value"] * ref,
+                    "ratio": found["value"],
+                    "threshold": cfg.loss_blowup,
+                    "weight_growth": at[0] if at else None,
+                    "until": found["until"],
+                    "held": found["held"],
+                },
+            }
+    largest = [(step, max((g for g in row if _finite(g)), default=None)) for step, row in growth]
+    found = sustained(largest, lambda v: v > cfg.weight_growth, cfg.sustain)
+    if found is None:
+        return None
+    at = grown(found["step"])
+    return {
+        "kind": "exploding",
+        "layer": at[1] if at else None,
+        "step": found["step"],
+        "evidence": {
+            "axis": "weights",
+            "quantity": "weight_norm / its step-0 value",
+            "ratio": found["value"],
+            "threshold": cfg.weight_growth,
+            "until": found["until"],
+            "held": found["held"],
+        },
+    }
+
+
 def _saturated(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
     """The layer whose saturated share first stays at or above the threshold."""
     found = []
@@ -278,6 +362,8 @@ def judge(
                 "evidence": {"quantity": "loss or gradient non-finite", "skipped_steps": skipped},
             }
         )
+    if nonfinite is None and (blowup := _blowup(layers, records, cfg)) is not None:
+        out.append(blowup)
     depth = _along_depth(layers, records, cfg)
     exploding = [v for v in depth if v["kind"] == "exploding"]
     out.extend(exploding)
@@ -315,6 +401,20 @@ def describe(verdict: dict[str, Any]) -> str:
         return f"{x:.3g}" if isinstance(x, float) else str(x)
 
     kind = verdict["kind"]
+    if e.get("axis") == "loss":
+        where = (
+            f"; weights of {verdict['layer']} x{g(e['weight_growth'])}" if verdict["layer"] else ""
+        )
+        return (
+            f"loss/train rose to {g(e['loss'])} from {g(e['loss_start'])} at step 0 (baseline"
+            f" {g(e['baseline'])}): x{g(e['ratio'])} > {g(e['threshold'])}, held at {e['held']}"
+            f" logged steps (last at step {e['until']}), still finite{where}"
+        )
+    if e.get("axis") == "weights":
+        return (
+            f"weight norm x{g(e['ratio'])} its step-0 value > {g(e['threshold'])}, held at"
+            f" {e['held']} logged steps (last at step {e['until']})"
+        )
     if kind == "diverged":
         skipped = f"; {e['skipped_steps']} steps skipped" if e.get("skipped_steps") else ""
         return f"loss or gradient non-finite{skipped}"
