@@ -254,13 +254,27 @@ def test_weights_that_blow_up_alone_are_exploding():
         record(10 * k, HEALTHY, loss=2.3, weights=[1.0, 2.0 * g, 1.0, 1.0])
         for k, g in enumerate(growth)
     ]
-    (v,) = judge(LAYERS, records, CFG)
+    (v,) = judge(LAYERS, records, CFG, sizes=[1] * 4)
     assert (v["kind"], v["layer"], v["step"]) == ("exploding", "hidden.1", 20)
     assert v["evidence"]["axis"] == "weights" and v["evidence"]["ratio"] == pytest.approx(30.0)
     assert "weight norm x30 its step-0 value > 10" in describe(v)
     # thresholds are diagnose.* keys
     lenient = DiagnoseConfig(weight_growth=1e4)
-    assert kinds(judge(LAYERS, records, lenient)) == ["healthy"]
+    assert kinds(judge(LAYERS, records, lenient, sizes=[1] * 4)) == ["healthy"]
+
+
+def test_weights_grown_from_a_tiny_init_are_not_a_blow_up():
+    # An IRNN's head starts at N(0, 0.001^2): 100 entries, norm 0.01; it grows 30x to an
+    # entry RMS of 0.03 while the run learns. Past any init's scale (RMS > 1) it would be.
+    growth = [1.0, 5.0, 30.0, 30.0, 30.0]
+    records = [
+        record(10 * k, HEALTHY, loss=2.3, weights=[10.0, 10.0, 10.0, 0.01 * g])
+        for k, g in enumerate(growth)
+    ]
+    assert kinds(judge(LAYERS, records, CFG, sizes=[100] * 4)) == ["healthy"]
+    big = [record(r.step, HEALTHY, loss=2.3, weights=[10.0, 10.0, 10.0, 20.0 * g])
+           for r, g in zip(records, growth)]  # fmt: skip
+    assert kinds(judge(LAYERS, big, CFG, sizes=[100] * 4)) == ["exploding"]
 
 
 def test_a_nonfinite_run_is_not_judged_twice():

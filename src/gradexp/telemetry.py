@@ -40,6 +40,13 @@ class LayerMap:
     layer_of: list[int]
     index: torch.Tensor
 
+    def sizes(self) -> list[int]:
+        """Each layer's number of parameter entries."""
+        out = [0] * len(self.names)
+        for i, p in zip(self.layer_of, self.params):
+            out[i] += p.numel()
+        return out
+
     @classmethod
     def of(cls, model: nn.Module) -> LayerMap:
         layers = model.depth_layers()

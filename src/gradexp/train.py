@@ -74,7 +74,7 @@ from gradexp.rundir import (
 )
 from gradexp.telemetry import LayerMap
 from gradexp.theory import TheoryUnavailable, jacobian_spectrum, mean_field
-from gradexp.verdicts import judge, where_and_when
+from gradexp.verdicts import judge, outcome, where_and_when
 
 OPTION_GROUPS = ("model", "data", "activation", "init", "norm", "clip", "optim")
 log = logging.getLogger(__name__)
@@ -525,6 +525,7 @@ class Trainer:
             skipped=self.guard.skipped,
             dead=dead,
             tbptt=self.cfg.trainer.tbptt,
+            sizes=self.layers.sizes(),
         )
         finals = {k: self.history.final(k) for k in self.tags.metric_tags()}
         cfg = self.cfg
@@ -535,6 +536,8 @@ class Trainer:
             # Each group's option as resolved (an alias such as init=xavier shows its option).
             "options": {g: getattr(cfg, g).name for g in OPTION_GROUPS},
             "verdicts": verdicts,
+            # Learned or not, beside the verdicts: "vanishing, but learned".
+            "outcome": outcome(finals, cfg.diagnose, self.data.chance),
             "metrics": {k: v for k, v in finals.items() if v is not None},
             "layers": per_layer,
             "time": self.history.time_summary(),
@@ -615,11 +618,14 @@ class Trainer:
         """hparams, verdicts and the figure to TensorBoard (and the figure's PNG)."""
         try:
             metric_tags = self.tags.metric_tags()
-            hparams = run_hparams(self.cfg, result["status"], result["verdicts"])
+            hparams = run_hparams(
+                self.cfg, result["status"], result["verdicts"], result.get("outcome")
+            )
             self.logger.hparams(hparams, metric_tags)
             # What the HParams tab reads as each metric: finite, the same tags in every run.
             self.logger.scalars(hparams_metrics(result["metrics"], metric_tags), result["steps"])
-            self.logger.text("run/verdicts", verdict_markdown(result["verdicts"]), result["steps"])
+            verdicts = verdict_markdown(result["verdicts"], result.get("outcome"))
+            self.logger.text("run/verdicts", verdicts, result["steps"])
             self.logger.text("run/summary", summary_markdown(result), result["steps"])
             self.logger.data(SUMMARY_DATA, result, result["steps"])  # the gradexp tab's
             try:

@@ -20,7 +20,9 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
   everything still finite (the run's status stays completed); ``layer`` is the layer
   whose weight norm grew most.
 - exploding, weights: a layer's weight norm above ``weight_growth`` times its step-0
-  value at ``sustain`` consecutive logging steps, the loss not (yet) blown up.
+  value, with its entries' RMS above 1 (more than any standard init gives: Kaiming's is
+  sqrt(2/fan_in); a head started at N(0, 0.001^2) may grow 30x while it learns), at
+  ``sustain`` consecutive logging steps, the loss not (yet) blown up.
 - saturated: a layer with at least ``saturated_frac`` of its sigmoid/tanh outputs in
   the flat regions at ``sustain`` consecutive logging steps (the layer that does so
   first).
@@ -29,6 +31,9 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
   telemetry.DeadUnits).
 
 A run that logged nothing (stopped before its first logging step) gets no verdict.
+
+Beside the verdicts, ``outcome``: whether the run learned its task at all, from the final
+test loss over the input-blind baseline's (so "vanishing, but learned" reads as such).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from gradexp.config import DiagnoseConfig
 from gradexp.record import StepRecord, ratio
 
 KINDS = ("healthy", "vanishing", "exploding", "diverged", "dead_units", "saturated")
+OUTCOMES = ("learned", "partly", "not learned")
 
 
 def _finite(x: float | None) -> bool:
@@ -213,9 +219,12 @@ def _weight_growth(layers: list[str], records: list[StepRecord]) -> list[tuple[i
     return out
 
 
-def _blowup(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
+def _blowup(
+    layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig, sizes: list[int] | None
+) -> dict | None:
     """A finite blow-up: the loss far above where it started, or a layer's weights far
-    above their start, sustained (a non-finite run is judged ``diverged`` already)."""
+    above their start and past any init's scale, sustained (a non-finite run is judged
+    ``diverged`` already)."""
     growth = _weight_growth(layers, records)
 
     def grown(at: int) -> tuple[float, str] | None:
@@ -250,7 +259,17 @@ def _blowup(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -
                     "held": found["held"],
                 },
             }
-    largest = [(step, max((g for g in row if _finite(g)), default=None)) for step, row in growth]
+    if sizes is None:
+        return None
+    by_step = {r.step: r.layer("weight_norm", len(layers)) for r in records}
+
+    def blown(step: int, row: list[float]) -> float | None:
+        norms = by_step[step]
+        rms = [n / math.sqrt(k) if _finite(n) and k else math.nan for n, k in zip(norms, sizes)]
+        over = [g for g, r in zip(row, rms) if _finite(g) and _finite(r) and r > 1]
+        return max(over, default=None)
+
+    largest = [(step, blown(step, row)) for step, row in growth]
     found = sustained(largest, lambda v: v > cfg.weight_growth, cfg.sustain)
     if found is None:
         return None
@@ -337,6 +356,7 @@ def judge(
     skipped: int = 0,
     dead: list[dict[str, float] | None] | None = None,
     tbptt: int = 0,
+    sizes: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """The run's verdicts from its logging steps; ``[healthy]`` when nothing is wrong,
     none when nothing was logged.
@@ -349,6 +369,8 @@ def judge(
         skipped: steps skipped for non-finite values (on_nonfinite=skip).
         dead: per layer, the shares of units that ever died / never recovered.
         tbptt: the truncation length (0: full BPTT).
+        sizes: each layer's number of parameter entries (a weight blow-up is judged
+            only with them).
     """
     out: list[dict[str, Any]] = []
     if not records and nonfinite is None:
@@ -362,7 +384,7 @@ def judge(
                 "evidence": {"quantity": "loss or gradient non-finite", "skipped_steps": skipped},
             }
         )
-    if nonfinite is None and (blowup := _blowup(layers, records, cfg)) is not None:
+    if nonfinite is None and (blowup := _blowup(layers, records, cfg, sizes)) is not None:
         out.append(blowup)
     depth = _along_depth(layers, records, cfg)
     exploding = [v for v in depth if v["kind"] == "exploding"]
@@ -488,3 +510,58 @@ def where_and_when(
         outcome = "to the end" if end == last else "recovered"
         phrases.append(f"{where} {band} the head's backward signal, {steps}, {outcome}")
     return "; ".join(phrases) or None
+
+
+def outcome(
+    metrics: dict[str, float], cfg: DiagnoseConfig, chance: float | None = None
+) -> dict[str, Any] | None:
+    """Whether the run learned its task: ``{"kind", "ratio", "loss/test", "loss/baseline",
+    "acc/test", "chance"}``; None without a finite final test loss (stopped before its
+    first evaluation, or diverged).
+
+    ``kind`` (one of OUTCOMES) is read off the final test loss over the baseline's, the
+    loss of the best input-blind prediction: at most ``cfg.learned_ratio``: learned; at
+    most ``cfg.partly_ratio``: partly; else not learned. Classification adds the test
+    accuracy beside ``chance``, the best input-blind guess's.
+    """
+    loss, baseline = metrics.get("loss/test"), metrics.get("loss/baseline")
+    if not (_finite(loss) and _finite(baseline)) or baseline <= 0:
+        return None
+    value = loss / baseline
+    kind = (
+        "learned"
+        if value <= cfg.learned_ratio
+        else "partly"
+        if value <= cfg.partly_ratio
+        else "not learned"
+    )
+    out: dict[str, Any] = {
+        "kind": kind,
+        "ratio": value,
+        "loss/test": loss,
+        "loss/baseline": baseline,
+    }
+    if _finite(acc := metrics.get("acc/test")):
+        out.update({"acc/test": acc, "chance": chance})
+    return out
+
+
+def describe_outcome(result: dict[str, Any] | None) -> str:
+    """The outcome in words, one line ("" when there is none)."""
+    if not result:
+        return ""
+
+    def g(x: Any) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    words = {"learned": "learned", "partly": "partly learned", "not learned": "not learned"}
+    line = (
+        f"{words[result['kind']]}: loss/test {g(result['loss/test'])} is"
+        f" {g(result['ratio'])}x the input-blind baseline's {g(result['loss/baseline'])}"
+    )
+    if "acc/test" in result:
+        chance = result.get("chance")
+        line += f"; acc/test {g(result['acc/test'])}" + (
+            f" (chance {g(chance)})" if chance is not None else ""
+        )
+    return line
