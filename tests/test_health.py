@@ -29,7 +29,7 @@ from gradexp.metrics import NullLogger
 from gradexp.models import create_model
 from gradexp.telemetry import ActivationProbe, DeadUnits, LayerMap, activation_modules
 from gradexp.train import run
-from gradexp.verdicts import KINDS, describe
+from gradexp.verdicts import KINDS, OUTCOMES, describe
 
 CPU = torch.device("cpu")
 
@@ -329,7 +329,16 @@ def test_verdicts_in_summary_terminal_and_tensorboard(flow_run: Run) -> None:
     acc = flow_run.events
     (text,) = acc.Tensors("run/verdicts/text_summary")
     table = text.tensor_proto.string_val[0].decode()
-    assert table.startswith("| verdict | layer | step | evidence |") and "vanishing" in table
+    # The outcome in words, then the verdicts table.
+    outcome = summary["outcome"]
+    assert outcome["kind"] in OUTCOMES
+    assert outcome["ratio"] == pytest.approx(
+        summary["metrics"]["loss/test"] / summary["metrics"]["loss/baseline"]
+    )
+    head, rest = table.split("\n\n", 1)
+    assert head.startswith("outcome: **") and outcome["kind"] in head
+    assert rest.startswith("| verdict | layer | step | evidence |") and "vanishing" in rest
+    assert f"outcome: {outcome['kind']}" in out
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/session_start_info"]
@@ -338,6 +347,7 @@ def test_verdicts_in_summary_terminal_and_tensorboard(flow_run: Run) -> None:
     assert start.hparams["verdicts"].string_value == ",".join(kinds)
     for kind in KINDS:
         assert start.hparams[f"verdict/{kind}"].string_value == str(kind in kinds).lower()
+    assert start.hparams["outcome"].string_value == outcome["kind"]
 
 
 def test_activation_health_is_logged_per_layer(flow_run: Run) -> None:

@@ -77,6 +77,13 @@ COMPLETED = _summary(
     ],
     [_verdict("vanishing"), _verdict("dead_units"), _verdict("vanishing", "hidden.0")],
 )
+# Summaries written before the outcome (DIVERGED here) have none: "-".
+COMPLETED["outcome"] = {
+    "kind": "partly",
+    "ratio": 1.6 / 2.3,
+    "loss/test": 1.6,
+    "loss/baseline": 2.3,
+}
 DIVERGED = _summary(
     "diverged",
     {"loss/train": 1e9, "loss/baseline": 2.3, "acc/train": 0.1, "loss/test": None, "acc/test": 0.1},
@@ -143,7 +150,7 @@ def test_columns_are_the_varying_overrides(outputs: Path) -> None:
     assert report.varying(rows) == ["init", "model.depth"]
     columns = report.table_columns(rows)
     assert columns[:4] == ["run", "init", "model.depth", "status"]
-    assert columns[-1] == "verdicts" and "activation" not in columns
+    assert columns[-2:] == ["verdicts", "outcome"] and "activation" not in columns
     # one run alone varies in nothing
     assert report.varying(rows[:1]) == []
 
@@ -153,11 +160,11 @@ def test_values_of_a_completed_and_a_diverged_run(outputs: Path) -> None:
     assert done["steps"] == 40 and done["acc/test"] == 0.5
     assert done["grad/0"] == pytest.approx(1e-2) and done["grad/last"] == pytest.approx(2e-2)
     assert done["bwd/0"] == pytest.approx(1e-2) and done["bwd/last"] == pytest.approx(2e-2)
-    assert done["verdicts"] == "vanishing,dead_units"
+    assert done["verdicts"] == "vanishing,dead_units" and done["outcome"] == "partly"
     assert "model.depth" not in done
     assert diverged["loss/test"] is None and diverged["bwd/last"] is None
     assert diverged["bwd/0"] == pytest.approx(2e6)
-    assert diverged["verdicts"] == "diverged,exploding"
+    assert diverged["verdicts"] == "diverged,exploding" and diverged["outcome"] is None
     assert failed["steps"] == 0 and failed["acc/test"] is None and failed["verdicts"] is None
     assert killed["status"] == "no summary" and killed["init"] == "orthogonal"
 
@@ -336,7 +343,7 @@ def test_recurrent_runs_get_the_time_ratio_columns(tmp_path: Path, capsys) -> No
         summary = _summary("completed", {"loss/test": 0.1}, layers, [])
         (run / "summary.json").write_text(json.dumps({**summary, "time": time}))
     rows = report.load_runs([tmp_path])
-    assert report.table_columns(rows)[-3:] == ["time/0", "time/last", "verdicts"]
+    assert report.table_columns(rows)[-4:] == ["time/0", "time/last", "verdicts", "outcome"]
     rnn, mlp = (report.row_values(r) for r in rows)
     assert (rnn["time/0"], rnn["time/last"]) == (850.0, 0.2)
     assert (mlp["time/0"], mlp["time/last"]) == (None, None)

@@ -774,6 +774,8 @@ class DiagnoseConfig(Schema):
         "sustain": SIZE,
         "loss_blowup": Range(1, low_open=True),
         "weight_growth": Range(1, low_open=True),
+        "learned_ratio": Range(0, 1, low_open=True),
+        "partly_ratio": Range(0, 1, low_open=True),
     }
 
     vanishing_ratio: float = 1e-2  # first layer's (time step's) backward signal / last's below
@@ -786,6 +788,10 @@ class DiagnoseConfig(Schema):
     # 1-3.3x on both; lr 30-1000 blow-ups at 240-2900x loss and 166-4000x weights):
     loss_blowup: float = 10.0  # training loss over max(its step-0 value, the baseline) above
     weight_growth: float = 10.0  # a layer's weight norm over its step-0 value above
+    # The outcome, from the final test loss over the input-blind baseline's: at most
+    # learned_ratio: learned; at most partly_ratio: partly; above: not learned.
+    learned_ratio: float = 0.5
+    partly_ratio: float = 0.8
     jacobian: bool = False  # MLPs: singular values of the input-output Jacobian at init
 
     def validate(self) -> None:
@@ -794,6 +800,11 @@ class DiagnoseConfig(Schema):
             raise ConfigError(
                 f"diagnose.vanishing_ratio={self.vanishing_ratio}, exploding_ratio="
                 f"{self.exploding_ratio}: need vanishing_ratio < 1 < exploding_ratio"
+            )
+        if self.learned_ratio > self.partly_ratio:
+            raise ConfigError(
+                f"diagnose.learned_ratio={self.learned_ratio}, partly_ratio="
+                f"{self.partly_ratio}: need learned_ratio <= partly_ratio"
             )
 
 

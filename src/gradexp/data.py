@@ -71,6 +71,15 @@ class Dataset:
     def num_classes(self) -> int:
         return self.spec.num_classes
 
+    @property
+    def chance(self) -> float | None:
+        """The accuracy of the best input-blind guess (the most frequent training label);
+        None for a regression target."""
+        if self.spec.regression:
+            return None
+        counts = torch.bincount(self.y_train.flatten(), minlength=self.spec.num_classes)
+        return float(counts.max() / counts.sum())
+
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """A random training batch, drawn with replacement on the data's device."""
         idx = torch.randint(

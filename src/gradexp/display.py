@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gradexp.record import ratio
-from gradexp.verdicts import describe
+from gradexp.verdicts import describe, describe_outcome
 
 
 def _fmt(x: float | None) -> str:
@@ -150,6 +150,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f" ({summary.get('steps_per_s')} steps/s on {summary.get('device')})"
         + (f"; verdicts: **{kinds}** (evidence: run/verdicts)" if kinds else "")
     ]
+    if summary.get("outcome"):
+        parts.append(f"outcome: **{markdown_cell(describe_outcome(summary['outcome']))}**")
     if summary.get("error"):
         parts.append(f"error: {markdown_cell(summary['error'])}")
     if nf := summary.get("nonfinite"):
@@ -211,6 +213,8 @@ def status_line(summary: dict[str, Any]) -> str:
         line += f"  first non-finite: step {nf['step']}, layer {nf['layer']}"
     if summary.get("verdicts"):
         line += "  verdicts: " + ", ".join(dict.fromkeys(v["kind"] for v in summary["verdicts"]))
+    if summary.get("outcome"):
+        line += f"  outcome: {summary['outcome']['kind']}"
     return line
 
 
@@ -219,6 +223,10 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(layer_table(summary))
     console.print(verdict_table(summary))
     console.print(status_line(summary), highlight=False, soft_wrap=True)
+    if summary.get("outcome"):
+        console.print(
+            f"outcome: {describe_outcome(summary['outcome'])}", highlight=False, soft_wrap=True
+        )
     if summary.get("fold"):
         console.print(fold_line(summary["fold"]), highlight=False, soft_wrap=True)
 

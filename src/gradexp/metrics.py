@@ -30,7 +30,7 @@ from gradexp.record import (
     log10_relative,
 )
 from gradexp.rundir import json_safe
-from gradexp.verdicts import KINDS, describe
+from gradexp.verdicts import KINDS, describe, describe_outcome
 
 if TYPE_CHECKING:
     from gradexp.config import Config
@@ -246,9 +246,20 @@ def verdict_hparams(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"verdicts": ",".join(kinds), **{f"verdict/{k}": k in kinds for k in KINDS}}
 
 
-def run_hparams(cfg: Config, status: str, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
-    """A finished run's HParams columns: its choices, its status and its verdicts."""
-    return {**hparams_of(cfg), "status": status, **verdict_hparams(verdicts)}
+def run_hparams(
+    cfg: Config,
+    status: str,
+    verdicts: list[dict[str, Any]],
+    outcome: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A finished run's HParams columns: its choices, its status, its verdicts and its
+    outcome (learned, partly, not learned; "-" without a finite test loss)."""
+    return {
+        **hparams_of(cfg),
+        "status": status,
+        **verdict_hparams(verdicts),
+        "outcome": outcome["kind"] if outcome else NOT_APPLICABLE,
+    }
 
 
 # --- the HParams tab ------------------------------------------------------------------
@@ -476,12 +487,14 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
-def verdict_markdown(verdicts: list[dict[str, Any]]) -> str:
+def verdict_markdown(verdicts: list[dict[str, Any]], outcome: dict[str, Any] | None = None) -> str:
+    """The verdicts table in Markdown, after the outcome in words when there is one."""
+    head = f"outcome: **{markdown_cell(describe_outcome(outcome))}**\n\n" if outcome else ""
     rows = [
         [v["kind"], v["layer"] or "-", "-" if v["step"] is None else v["step"], describe(v)]
         for v in verdicts
     ]
-    return markdown_table(["verdict", "layer", "step", "evidence"], rows)
+    return head + markdown_table(["verdict", "layer", "step", "evidence"], rows)
 
 
 def theory_markdown(layers: list[str], theory: dict[str, Any], measured: StepRecord) -> str:

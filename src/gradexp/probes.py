@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from gradexp import telemetry
-from gradexp.record import RELATIVE_PREFIX, RELATIVE_SECTION, Quantity, StepRecord, log10_relative, ratio
+from gradexp.record import (
+    RELATIVE_PREFIX,
+    RELATIVE_SECTION,
+    Quantity,
+    StepRecord,
+    log10_relative,
+    ratio,
+)
 from gradexp.telemetry import LayerMap, histogram_from_stats, histogram_stats
 
 if TYPE_CHECKING:

@@ -326,10 +326,12 @@ def varying(rows: Sequence[RunRow]) -> list[str]:
 
 def table_columns(rows: Sequence[RunRow]) -> list[str]:
     """The report's columns: run, the varying overrides, status, steps, metrics, ratios,
-    the time ratios (when a run is recurrent), verdicts."""
+    the time ratios (when a run is recurrent), verdicts, outcome (learned or not)."""
     recurrent = any(_field(row.summary, "time", 0) is not None for row in rows)
     time = list(TIME_RATIOS) if recurrent else []
-    return ["run", *varying(rows), "status", "steps", *METRICS, *RATIOS, *time, "verdicts"]
+    return [
+        "run", *varying(rows), "status", "steps", *METRICS, *RATIOS, *time, "verdicts", "outcome"
+    ]  # fmt: skip
 
 
 def _field(obj: Any, *keys: str | int) -> Any:
@@ -379,6 +381,8 @@ def row_values(row: RunRow, keys: Sequence[str] | None = None) -> dict[str, Any]
     for column, when in TIME_RATIOS.items():
         values[column] = _number(_field(s, "time", 0, "ratio", when))
     values["verdicts"] = ",".join(verdict_kinds(s)) or None
+    kind = _field(s, "outcome", "kind")
+    values["outcome"] = kind if isinstance(kind, str) else None
     for key in keys or ():
         if key not in values and (value := setting(row, key)) is not None:
             values[key] = value  # the effective value of a key the run did not set
@@ -505,7 +509,11 @@ def panel_title(row: RunRow, keys: Sequence[str]) -> str:
     """A run's --png panel title: its varying overrides (else its name), then status and
     verdict kinds."""
     shown = " ".join(f"{k}={v}" for k in keys if (v := setting(row, k)) is not None)
-    outcome = ": ".join([row.status, *filter(None, [",".join(verdict_kinds(row.summary))])])
+    learned = _field(row.summary, "outcome", "kind")
+    kinds = ",".join(verdict_kinds(row.summary)) + (
+        f"; {learned}" if isinstance(learned, str) else ""
+    )
+    outcome = ": ".join([row.status, *filter(None, [kinds])])
     return "\n".join([textwrap.fill(shown or row.name, TITLE_CHARS), outcome])
 
 
