@@ -350,3 +350,14 @@ def test_pairing_errors_fail_in_one_line(tmp_path, bad, fragments):
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert not run_dir.exists(), "a rejected command must leave no run directory"
     assert not (tmp_path / "outputs").exists()
+
+
+def test_chance_is_the_best_input_blind_guess():
+    data = load_data(data_cfg("synthetic", n_train=512, n_test=64), CPU)
+    counts = torch.bincount(data.y_train, minlength=data.num_classes)
+    assert data.chance == pytest.approx(counts.max().item() / 512)
+    # always guessing that label scores it on the training set
+    guess = torch.zeros(512, data.num_classes)
+    guess[:, counts.argmax()] = 1.0
+    assert data.correct(guess, data.y_train).item() / 512 == pytest.approx(data.chance)
+    assert load_data(data_cfg("adding", length=4, n_train=64, n_test=8), CPU).chance is None

@@ -11,7 +11,7 @@ import pytest
 
 from gradexp.config import DiagnoseConfig
 from gradexp.record import StepRecord
-from gradexp.verdicts import KINDS, describe, judge, sustained
+from gradexp.verdicts import KINDS, describe, describe_outcome, judge, outcome, sustained
 
 LAYERS = ["hidden.0", "hidden.1", "hidden.2", "head"]
 NAN = math.nan
@@ -282,3 +282,34 @@ def test_a_nonfinite_run_is_not_judged_twice():
     verdicts = judge(LAYERS, records, CFG, nonfinite={"step": 40, "layer": "head"})
     assert kinds(verdicts) == ["diverged"]
     assert verdicts[0]["evidence"]["quantity"] == "loss or gradient non-finite"
+
+
+# --- outcome --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("loss", "kind"),
+    [(0.5, "learned"), (1.15, "learned"), (1.5, "partly"), (1.84, "partly"), (2.0, "not learned"),
+     (2.6, "not learned")],
+)  # fmt: skip
+def test_outcome_reads_the_test_loss_against_the_baseline(loss: float, kind: str):
+    metrics = {"loss/test": loss, "loss/baseline": 2.3, "acc/test": 0.4}
+    result = outcome(metrics, CFG, chance=0.1)
+    assert result["kind"] == kind
+    assert result["ratio"] == pytest.approx(loss / 2.3)
+    assert (result["acc/test"], result["chance"]) == (0.4, 0.1)
+    assert describe_outcome(result).startswith(
+        {"learned": "learned", "partly": "partly learned", "not learned": "not learned"}[kind]
+    )
+    assert "(chance 0.1)" in describe_outcome(result)
+
+
+def test_outcome_of_a_regression_task_and_of_no_test_loss():
+    result = outcome({"loss/test": 0.001, "loss/baseline": 1 / 6}, CFG)
+    assert result["kind"] == "learned" and "acc/test" not in result
+    assert "acc/test" not in describe_outcome(result)
+    assert outcome({"loss/baseline": 2.3}, CFG) is None  # stopped before its evaluation
+    assert outcome({"loss/test": math.nan, "loss/baseline": 2.3}, CFG) is None  # diverged
+    assert describe_outcome(None) == ""
+    strict = DiagnoseConfig(learned_ratio=0.1, partly_ratio=0.2)
+    assert outcome({"loss/test": 0.3, "loss/baseline": 1.0}, strict)["kind"] == "not learned"
