@@ -313,3 +313,28 @@ def test_outcome_of_a_regression_task_and_of_no_test_loss():
     assert describe_outcome(None) == ""
     strict = DiagnoseConfig(learned_ratio=0.1, partly_ratio=0.2)
     assert outcome({"loss/test": 0.3, "loss/baseline": 1.0}, strict)["kind"] == "not learned"
+
+
+# --- recurrent nets: depth is the stack -----------------------------------------------------
+
+
+def test_a_recurrent_heads_own_scale_makes_no_depth_verdict():
+    # One recurrent layer under a head started at N(0, 0.001^2): the head's backward
+    # signal dwarfs the layer's, which is the head's scale, not depth.
+    layers = ["recurrent.0", "head"]
+    records = [StepRecord(s, {}, {"signal_bwd": [1e-4, 1.0]}) for s in range(0, 40, 10)]
+    assert kinds(judge(layers, records, CFG)) == ["vanishing"]  # a feed-forward reading
+    (v,) = judge(layers, records, CFG, stack=(0, 0))
+    assert v["kind"] == "healthy" and v["evidence"]["ratio"] == 1.0
+
+
+def test_a_recurrent_stack_is_judged_from_its_first_to_its_last_layer():
+    layers = ["recurrent.0", "recurrent.1", "recurrent.2", "head"]
+    starved = [StepRecord(s, {}, {"signal_bwd": [1e-4, 1e-2, 1.0, 50.0]}) for s in range(4)]
+    (v,) = judge(layers, starved, CFG, stack=(0, 2))
+    assert (v["kind"], v["layer"]) == ("vanishing", "recurrent.0")
+    assert v["evidence"]["quantity"] == "signal_bwd recurrent.0 / recurrent.2"
+    assert v["evidence"]["ratio"] == pytest.approx(1e-4)
+    # the head far above a sound stack: no verdict
+    sound = [StepRecord(s, {}, {"signal_bwd": [0.5, 0.8, 1.0, 1e4]}) for s in range(4)]
+    assert kinds(judge(layers, sound, CFG, stack=(0, 2))) == ["healthy"]

@@ -526,6 +526,8 @@ class Trainer:
             dead=dead,
             tbptt=self.cfg.trainer.tbptt,
             sizes=self.layers.sizes(),
+            # A model may say which layers form its depth (a recurrent net: its stack).
+            stack=getattr(self.model, "depth_stack", lambda: None)(),
         )
         finals = {k: self.history.final(k) for k in self.tags.metric_tags()}
         cfg = self.cfg

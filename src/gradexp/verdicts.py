@@ -7,9 +7,11 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
 - diverged: the loss or a gradient went non-finite (the step, and the layer nearest the
   output whose gradient did); with on_nonfinite=skip, the first skipped step.
 - vanishing / exploding, along depth: the backward signal of the first layer over the
-  last's (the head's) below ``vanishing_ratio`` / above ``exploding_ratio`` at ``sustain``
-  consecutive logging steps. ``layer`` is the layer nearest the output past the
-  threshold, so the signal is that far gone from there down to the first layer.
+  last's (the head's; a recurrent net's last recurrent layer's: its depth is the stack,
+  and one recurrent layer has none) below ``vanishing_ratio`` / above
+  ``exploding_ratio`` at ``sustain`` consecutive logging steps. ``layer`` is the layer
+  nearest the output past the threshold, so the signal is that far gone from there down
+  to the first layer.
 - vanishing / exploding, along time (recurrent layers): ||dL/dh_t|| at the first time
   step over the last, same thresholds; under truncated BPTT only the last chunk counts
   (before it the gradient is cut off by design, not vanished).
@@ -53,10 +55,6 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _first_over_last(values: list[float]) -> float | None:
-    return ratio(values[0], values[-1])
-
-
 def sustained(
     values: Sequence[tuple[int, float | None]], hit: Callable[[float], bool], sustain: int
 ) -> dict[str, Any] | None:
@@ -93,12 +91,15 @@ def _beyond(low: bool, threshold: float) -> Callable[[float], bool]:
     return (lambda v: v < threshold) if low else (lambda v: v > threshold)
 
 
-def _depth_ratio(layers: list[str], r: StepRecord, cfg: DiagnoseConfig, low: bool) -> str | None:
-    """The layer nearest the output whose backward signal is past the threshold."""
+def _depth_ratio(
+    layers: list[str], r: StepRecord, cfg: DiagnoseConfig, low: bool, stack: tuple[int, int]
+) -> str | None:
+    """The layer nearest the stack's top whose backward signal is past the threshold."""
+    first, last = stack
     bwd = r.layer("signal_bwd", len(layers))
-    head = bwd[-1]
-    for name, v in reversed(list(zip(layers[:-1], bwd[:-1]))):
-        value = ratio(v, head)
+    top = bwd[last]
+    for name, v in reversed(list(zip(layers[first:last], bwd[first:last]))):
+        value = ratio(v, top)
         threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
         if value is not None and _beyond(low, threshold)(value):
             return name
@@ -106,11 +107,17 @@ def _depth_ratio(layers: list[str], r: StepRecord, cfg: DiagnoseConfig, low: boo
 
 
 def _along_depth(
-    layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig
+    layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig, stack: tuple[int, int]
 ) -> list[dict[str, Any]]:
     out = []
     n = len(layers)
-    values = [(r.step, _first_over_last(r.layer("signal_bwd", n))) for r in records]
+    first, last = stack
+    if first >= last:
+        return out  # one recurrent layer: no depth to judge (its own scale vs the head's)
+    values = [
+        (r.step, ratio(r.layer("signal_bwd", n)[first], r.layer("signal_bwd", n)[last]))
+        for r in records
+    ]
     by_step = {r.step: r for r in records}
     for kind, low in (("exploding", False), ("vanishing", True)):
         threshold = cfg.vanishing_ratio if low else cfg.exploding_ratio
@@ -121,11 +128,11 @@ def _along_depth(
         out.append(
             {
                 "kind": kind,
-                "layer": _depth_ratio(layers, by_step[step], cfg, low),
+                "layer": _depth_ratio(layers, by_step[step], cfg, low, stack),
                 "step": step,
                 "evidence": {
                     "axis": "depth",
-                    "quantity": f"signal_bwd {layers[0]} / {layers[-1]}",
+                    "quantity": f"signal_bwd {layers[first]} / {layers[last]}",
                     "ratio": found["value"],
                     "threshold": threshold,
                     "until": found["until"],
@@ -357,6 +364,7 @@ def judge(
     dead: list[dict[str, float] | None] | None = None,
     tbptt: int = 0,
     sizes: list[int] | None = None,
+    stack: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """The run's verdicts from its logging steps; ``[healthy]`` when nothing is wrong,
     none when nothing was logged.
@@ -371,7 +379,12 @@ def judge(
         tbptt: the truncation length (0: full BPTT).
         sizes: each layer's number of parameter entries (a weight blow-up is judged
             only with them).
+        stack: the first and last layer a depth verdict compares (default: the first
+            layer and the head). A recurrent net's is its recurrent stack: the head's own
+            scale (an IRNN's N(0, 0.001^2) output weights) makes no depth verdict, and one
+            recurrent layer has no depth to judge.
     """
+    stack = stack or (0, len(layers) - 1)
     out: list[dict[str, Any]] = []
     if not records and nonfinite is None:
         return out  # nothing logged (a run stopped before its first log step): no verdict
@@ -386,7 +399,7 @@ def judge(
         )
     if nonfinite is None and (blowup := _blowup(layers, records, cfg, sizes)) is not None:
         out.append(blowup)
-    depth = _along_depth(layers, records, cfg)
+    depth = _along_depth(layers, records, cfg, stack)
     exploding = [v for v in depth if v["kind"] == "exploding"]
     out.extend(exploding)
     bound = _past_bound(layers, records, cfg)
@@ -399,14 +412,15 @@ def judge(
             out.append(verdict)
     if not out:
         last = records[-1] if records else None
-        value = _first_over_last(last.layer("signal_bwd", len(layers))) if last else None
+        bwd = last.layer("signal_bwd", len(layers)) if last else None
+        value = ratio(bwd[stack[0]], bwd[stack[1]]) if bwd else None
         out.append(
             {
                 "kind": "healthy",
                 "layer": None,
                 "step": last.step if last else None,
                 "evidence": {
-                    "quantity": f"signal_bwd {layers[0]} / {layers[-1]}",
+                    "quantity": f"signal_bwd {layers[stack[0]]} / {layers[stack[1]]}",
                     "ratio": value,
                     "logged_steps": len(records),
                 },

@@ -186,6 +186,11 @@ class RecurrentNet(nn.Module):
         head = nn.Linear(m.hidden_size, spec.num_classes, bias=m.bias)
         return cls(layers, head, spec.outputs, m)
 
+    def depth_stack(self) -> tuple[int, int]:
+        """The depth layers a depth verdict compares: the recurrent stack's first and last
+        (the head's own scale is no depth; one recurrent layer has none to judge)."""
+        return 0, len(self.recurrent) - 1
+
     def depth_layers(self) -> list[tuple[str, nn.Module]]:
         layers = [(f"recurrent.{i}", layer) for i, layer in enumerate(self.recurrent)]
         return layers + [("head", self.head)]
