@@ -139,6 +139,26 @@ def test_recurrent_units_are_judged_over_every_time_step():
     assert masks[0][:3].all()
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gates_saturation_is_counted_apart_from_the_cells_tanh(kind):
+    # N(0, 1) weights: gates pushed into both tails
+    model, x = built(f"model={kind}", "init=normal", "model.hidden_size=16", "data.length=8")
+    _, stats, _ = probe(model, x)
+    cell = model.recurrent[0]
+    outs = act_outputs(model, x)
+    gates = torch.stack(outs[cell.gates]).double()  # every gate, every time step
+    assert len(outs[cell.gates]) == {"lstm": 3, "gru": 2}[kind] * 8
+    flat = (gates - 0.5).abs() > math.sqrt(0.95) / 2  # both tails: near 0 and near 1
+    assert stats["gate_sat_frac"][0] == pytest.approx(float(flat.double().mean()), abs=1e-12)
+    assert (gates < 0.0127).any() and (gates > 0.9873).any()  # both tails occur
+    # mean, std and sat_frac stay the tanh's own
+    tanh = torch.stack(outs[cell.act]).double()
+    assert stats["act_mean"][0] == pytest.approx(float(tanh.mean()), rel=1e-9)
+    saturated = tanh.abs() > math.sqrt(0.95)
+    assert stats["sat_frac"][0] == pytest.approx(float(saturated.double().mean()), abs=1e-12)
+    assert math.isnan(stats["gate_sat_frac"][-1])  # the head has no gates
+
+
 def test_hooks_are_removed_and_statistics_are_nan_when_not_called():
     model, x = built("model=lstm", "model.fused=true", "model.hidden_size=8", "data.length=6")
     layers = LayerMap.of(model)

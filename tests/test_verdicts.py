@@ -338,3 +338,15 @@ def test_a_recurrent_stack_is_judged_from_its_first_to_its_last_layer():
     # the head far above a sound stack: no verdict
     sound = [StepRecord(s, {}, {"signal_bwd": [0.5, 0.8, 1.0, 1e4]}) for s in range(4)]
     assert kinds(judge(layers, sound, CFG, stack=(0, 2))) == ["healthy"]
+
+
+def test_saturated_gates_are_a_saturated_verdict_of_their_own_quantity():
+    layers = ["recurrent.0", "head"]
+    records = [
+        StepRecord(s, {}, {"signal_bwd": [1.0, 1.0], "gate_sat_frac": [0.9, NAN]})
+        for s in range(0, 40, 10)
+    ]
+    (v,) = judge(layers, records, CFG, stack=(0, 0))
+    assert (v["kind"], v["layer"], v["step"]) == ("saturated", "recurrent.0", 0)
+    assert v["evidence"]["quantity"] == "gate_sat_frac"
+    assert "0.9 of gate values saturated" in describe(v)

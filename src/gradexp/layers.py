@@ -231,3 +231,12 @@ def activation_gamma(cfg: ActivationConfig) -> float:
         act = create_act(cfg, 1).eval().to(torch.float64)
         var = normal_variance(act)
     return 1.0 / math.sqrt(var)
+
+
+class Gates(nn.Sigmoid):
+    """The sigmoid gates of an LSTM or GRU cell, called once per gate and time step: a
+    module (not torch.sigmoid) so activation health sees them; their saturation is
+    counted apart from the cell's tanh (``gate_sat_frac``), their mean and std not at
+    all (a gate is not a unit's output)."""
+
+    is_gate = True

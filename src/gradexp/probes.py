@@ -596,6 +596,10 @@ class ActivationHealthProbe(Probe):
                 "share of sigmoid/tanh outputs in the flat regions",
             ),
             "dead_frac": ("dead units per layer", "share of the layer's units dead in the batch"),
+            "gate_sat_frac": (
+                "saturated share of gates per layer (LSTM, GRU)",
+                "share of an LSTM/GRU cell's sigmoid gate values in the flat regions",
+            ),
         }.items()
     )
 

@@ -202,8 +202,19 @@ _SATURATED: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
 _CAN_DIE = (nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU)
 
 
+def _saturated(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The saturated-count function of a saturating activation (a gated cell's gates too:
+    layers.Gates is a Sigmoid), else None."""
+    return next((f for kind, f in _SATURATED.items() if isinstance(module, kind)), None)
+
+
+def _is_gate(module: nn.Module) -> bool:
+    return getattr(module, "is_gate", False)
+
+
 def activation_modules(layers: list[nn.Module]) -> list[tuple[int, nn.Module]]:
-    """(depth layer index, module) of every activation inside each depth layer.
+    """(depth layer index, module) of every activation inside each depth layer, a gated
+    cell's gates (layers.Gates) included.
 
     A fused recurrent layer is left out: torch's kernel applies its nonlinearity itself.
     """
@@ -219,11 +230,14 @@ def activation_modules(layers: list[nn.Module]) -> list[tuple[int, nn.Module]]:
 
 def health_quantities(acts: list[tuple[int, nn.Module]]) -> list[str]:
     """The activation-health quantities these activation modules can have."""
-    out = ["act_mean", "act_std"] if acts else []
-    if any(type(m) in _SATURATED for _, m in acts):
+    units = [m for _, m in acts if not _is_gate(m)]
+    out = ["act_mean", "act_std"] if units else []
+    if any(_saturated(m) is not None for m in units):
         out.append("sat_frac")
-    if any(isinstance(m, _CAN_DIE) for _, m in acts):
+    if any(isinstance(m, _CAN_DIE) for m in units):
         out.append("dead_frac")
+    if len(units) < len(acts):
+        out.append("gate_sat_frac")
     return out
 
 
@@ -270,12 +284,18 @@ class ActivationProbe:
         f64 = {"device": device, "dtype": torch.float64}
         # Per layer: sum, sum of squares, saturated count (device, float64); entries,
         # saturating entries, units (host counts); dead units (device).
-        total, sq, sat, dead = (torch.zeros(n, **f64) for _ in range(4))
-        count, sat_count, units = ([0.0] * n for _ in range(3))
+        total, sq, sat, dead, gate_sat = (torch.zeros(n, **f64) for _ in range(5))
+        count, sat_count, units, gate_count = ([0.0] * n for _ in range(4))
         for k, ((i, module), outs) in enumerate(zip(self.acts, self.outputs)):
             if not outs:
                 continue
-            saturated = _SATURATED.get(type(module))
+            saturated = _saturated(module)
+            if _is_gate(module):  # counted apart: saturated share only
+                assert saturated is not None
+                for out in outs:
+                    gate_sat[i] += saturated(out)
+                    gate_count[i] += out.numel()
+                continue
             alive = None
             # One stack for all calls of the same shape: a recurrent layer's time steps.
             by_shape: dict[torch.Size, list[torch.Tensor]] = {}
@@ -300,9 +320,9 @@ class ActivationProbe:
                 self.dead[k] = ~alive
                 dead[i] += self.dead[k].sum()
                 units[i] += alive.numel()
-        counts = torch.tensor([count, sat_count, units], **f64)
+        counts = torch.tensor([count, sat_count, units, gate_count], **f64)
         counts = torch.where(counts > 0, counts, math.nan)  # nothing measured: NaN, not 0/0
-        n_all, sat_n, unit_n = counts.unbind(0)
+        n_all, sat_n, unit_n, gate_n = counts.unbind(0)
         mean = total / n_all
         var = (sq / n_all - mean.square()).clamp_min(0)
         return {
@@ -310,6 +330,7 @@ class ActivationProbe:
             "act_std": var.sqrt(),
             "sat_frac": sat / sat_n,  # NaN: no saturating activation in the layer
             "dead_frac": dead / unit_n,
+            "gate_sat_frac": gate_sat / gate_n,  # NaN: no gated cell in the layer
         }
 
     def dead_masks(self) -> list[torch.Tensor | None]:

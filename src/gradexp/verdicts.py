@@ -25,9 +25,9 @@ sound run gets exactly one, ``healthy``. The thresholds are ``cfg.diagnose``
   value, with its entries' RMS above 1 (more than any standard init gives: Kaiming's is
   sqrt(2/fan_in); a head started at N(0, 0.001^2) may grow 30x while it learns), at
   ``sustain`` consecutive logging steps, the loss not (yet) blown up.
-- saturated: a layer with at least ``saturated_frac`` of its sigmoid/tanh outputs in
-  the flat regions at ``sustain`` consecutive logging steps (the layer that does so
-  first).
+- saturated: a layer with at least ``saturated_frac`` of its sigmoid/tanh outputs (or
+  of its LSTM/GRU gate values, ``gate_sat_frac``) in the flat regions, both tails, at
+  ``sustain`` consecutive logging steps (the layer that does so first).
 - dead_units: a layer with at least ``dead_frac`` of its units dead for good: dead at
   every logging step since they last died, at least ``sustain`` of them (see
   telemetry.DeadUnits).
@@ -297,26 +297,28 @@ def _blowup(
 
 
 def _saturated(layers: list[str], records: list[StepRecord], cfg: DiagnoseConfig) -> dict | None:
-    """The layer whose saturated share first stays at or above the threshold."""
+    """The layer whose saturated share (of its sigmoid/tanh outputs, or of its LSTM/GRU
+    gates) first stays at or above the threshold."""
     found = []
-    for i, name in enumerate(layers):
-        sat = [(r.step, r.layer("sat_frac", len(layers))[i]) for r in records]
-        values = [(step, v if _finite(v) else None) for step, v in sat]
-        hit = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
-        if hit is not None:
-            found.append((hit["step"], -hit["value"], name, hit))
+    for quantity in ("sat_frac", "gate_sat_frac"):
+        for i, name in enumerate(layers):
+            shares = [(r.step, r.layer(quantity, len(layers))[i]) for r in records]
+            values = [(step, v if _finite(v) else None) for step, v in shares]
+            hit = sustained(values, lambda v: v >= cfg.saturated_frac, cfg.sustain)
+            if hit is not None:
+                found.append((hit["step"], -hit["value"], name, quantity, hit))
     if not found:
         return None
-    step, _, name, hit = min(found)  # the earliest; of those, the most saturated
+    step, _, name, quantity, hit = min(found)  # the earliest; of those, the most saturated
     return {
         "kind": "saturated",
         "layer": name,
         "step": step,
         "evidence": {
-            "quantity": "sat_frac",
+            "quantity": quantity,
             "fraction": hit["value"],
             "threshold": cfg.saturated_frac,
-            "layers_over": len(found),
+            "layers_over": len({f[2] for f in found}),
             "until": hit["until"],
             "held": hit["held"],
         },
@@ -469,8 +471,9 @@ def describe(verdict: dict[str, Any]) -> str:
             f" {e['held']} logged steps (last at step {e['until']})"
         )
     if kind == "saturated":
+        what = "gate values" if e["quantity"] == "gate_sat_frac" else "units"
         return (
-            f"{g(e['fraction'])} of units saturated (>= {g(e['threshold'])}) in"
+            f"{g(e['fraction'])} of {what} saturated (>= {g(e['threshold'])}) in"
             f" {e['layers_over']} layer(s), held at {e['held']} logged steps"
         )
     return (

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradexp.config import ActivationConfig, Config, InitConfig, IRNNConfig, LSTMConfig
 from gradexp.data import DataSpec
-from gradexp.layers import create_act
+from gradexp.layers import Gates, create_act
 from gradexp.models import MODELS
 
 CELLS: dict[str, type[nn.RNNBase]] = {
@@ -67,6 +67,7 @@ class RecurrentLayer(nn.Module):
         kwargs = extra if cell is nn.RNN else {}
         self.cell = cell(input_size, hidden_size, bias=bias, batch_first=True, **kwargs)
         self.act = act
+        self.gates = Gates() if GATES[kind] > 1 else None
         self.fused, self.tbptt = fused, tbptt
         n = GATES[kind] * hidden_size
         if layer_norm is None:
@@ -132,14 +133,15 @@ class RecurrentLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.kind == "lstm":  # torch's gate order: input, forget, cell, output
             i, f, g, o = (gx + gh).chunk(4, dim=1)
-            assert c is not None
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * self.act(g)
+            assert c is not None and self.gates is not None
+            c = self.gates(f) * c + self.gates(i) * self.act(g)
             cn = self.norm_c(c) if self.norm_c is not None else c
-            return torch.sigmoid(o) * self.act(cn), c
+            return self.gates(o) * self.act(cn), c
         if self.kind == "gru":  # reset, update, new; the reset gate scales W_hn h + b_hn
             xr, xz, xn = gx.chunk(3, dim=1)
             hr, hz, hn = gh.chunk(3, dim=1)
-            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            assert self.gates is not None
+            r, z = self.gates(xr + hr), self.gates(xz + hz)
             n = self.act(xn + r * hn)
             return n + z * (h - n), None
         pre = gx + gh
