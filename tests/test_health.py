@@ -473,3 +473,13 @@ def test_a_finite_blow_up_is_judged_diverged_while_the_status_stays_completed(
     assert e["loss"] > 10 * max(e["loss_start"], e["baseline"])
     assert all(math.isfinite(x) for x in losses.values())
     assert "still finite" in describe(v) and "verdicts: diverged" in run.proc.stdout
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_healthy_deep_net_is_healthy_whatever_the_seed(tmp_path: Path, seed: int) -> None:
+    # The tutorial's tanh + Xavier 20-layer MLP (200 steps): no verdict but healthy.
+    run = train(
+        tmp_path, "activation=tanh", "init=xavier_normal", "trainer.steps=200",
+        "trainer.log_every=20", f"seed={seed}",
+    ).ok()  # fmt: skip
+    assert [v["kind"] for v in run.summary["verdicts"]] == ["healthy"]

@@ -350,3 +350,12 @@ def test_saturated_gates_are_a_saturated_verdict_of_their_own_quantity():
     assert (v["kind"], v["layer"], v["step"]) == ("saturated", "recurrent.0", 0)
     assert v["evidence"]["quantity"] == "gate_sat_frac"
     assert "0.9 of gate values saturated" in describe(v)
+
+
+def test_a_recovered_vanishing_says_when_it_ended():
+    starved = [1e-4, 1e-3, 0.5, 1.0]
+    records = [record(s, starved if 10 <= s <= 30 else HEALTHY) for s in range(0, 80, 10)]
+    (v,) = judge(LAYERS, records, CFG)
+    assert (v["kind"], v["step"]) == ("vanishing", 10)
+    assert (v["evidence"]["until"], v["evidence"]["held"]) == (30, "3/8")
+    assert "last at step 30" in describe(v)
