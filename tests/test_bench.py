@@ -96,3 +96,16 @@ def test_verdict_thresholds_script_separates_blow_ups_from_learning_runs():
         max_loss, _, growth, _ = (float(x) for x in row.split()[-4:])
         # well past the default thresholds (10x), as the README's measurement says
         assert max_loss > 10 and growth > 10, row
+
+
+def test_recurrent_benchmark_times_both_paths():
+    script = REPO_ROOT / "scripts" / "bench_recurrent.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--repeats", "1", "--length", "8",
+         "--hidden", "8", "--batch", "4"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"rnn", "irnn", "lstm", "gru"}, proc.stdout
+    assert all(row.rstrip().endswith("x") for row in rows.values())

@@ -8,9 +8,11 @@ BPTT and the linear RNN against what theory says exactly; the CLI end to end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -150,6 +152,27 @@ FAMILIES = [
 ]
 
 
+@contextlib.contextmanager
+def paths_taken(model: RecurrentNet, watch: bool) -> Iterator[list[str]]:
+    """While entered: each layer's forward records "fused" or "unrolled" (a fused pass
+    calls the torch cell, an unrolled one only reads its weights); ``watch`` traces the
+    hidden states as the time probe does on a logging step."""
+    taken: list[str] = []
+    originals = []
+    for layer in model.recurrent:
+        originals.append((layer, layer.cell.forward, layer.trace))
+        layer.cell.forward = lambda *a, _f=layer.cell.forward, **k: (
+            taken.append("fused") or _f(*a, **k)
+        )
+        if watch:
+            layer.trace = lambda t, steps, h: taken.append("unrolled") if t == 0 else None
+    try:
+        yield taken
+    finally:
+        for layer, forward, trace in originals:
+            layer.cell.forward, layer.trace = forward, trace
+
+
 @pytest.mark.parametrize("tbptt", [0, 5])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,6 +180,7 @@ def test_unrolled_equals_fused(family, layers, tbptt):
     # init=default: torch's own uniform init keeps a relu RNN's states moderate
     model = build(*family, "init=default", model={"layers": layers}, trainer={"tbptt": tbptt})
     assert all(layer.tbptt == tbptt and not layer.fused for layer in model.recurrent)
+    assert all(layer.fusable for layer in model.recurrent)
     x, y = inputs(steps=ADDING_T)
     w = torch.randn(4, ADDING_T, HIDDEN, generator=torch.Generator().manual_seed(2))
 
@@ -167,15 +191,42 @@ def test_unrolled_equals_fused(family, layers, tbptt):
         (F.mse_loss(out.reshape(y.shape), y) + (seq * w).sum()).backward()
         return out.detach(), seq.detach(), param_grads(model)
 
-    unrolled = forward_backward()
-    for layer in model.recurrent:
-        layer.fused = True
-    fused = forward_backward()
+    # A logging step (states traced) unrolls; any other takes torch's fused kernel.
+    with paths_taken(model, watch=True) as taken:
+        unrolled = forward_backward()
+    assert set(taken) == {"unrolled"}
+    with paths_taken(model, watch=False) as taken:
+        fused = forward_backward()
+    assert set(taken) == {"fused"}
     torch.testing.assert_close(unrolled[0], fused[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unrolled[1], fused[1], atol=1e-5, rtol=1e-5)
     for name, g in unrolled[2].items():
         torch.testing.assert_close(g, fused[2][name], atol=1e-5, rtol=1e-4, msg=name)
     assert unrolled[2]["recurrent.0.cell.weight_hh_l0"].abs().sum() > 0
+    # model.fused=true: the kernel even when watched (no per-time-step telemetry)
+    for layer in model.recurrent:
+        layer.fused = True
+    with paths_taken(model, watch=True) as taken:
+        forced = forward_backward()
+    assert set(taken) == {"fused"}
+    torch.testing.assert_close(forced[0], fused[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model=rnn", "activation=elu"),
+        ("model=lstm", "activation=relu"),
+        ("model=gru", "norm=layer"),
+        ("model=rnn", "activation=leaky_relu"),
+    ],
+)
+def test_a_cell_the_kernel_cannot_compute_always_unrolls(overrides):
+    model = build(*overrides, "init=default")
+    assert not any(layer.fusable for layer in model.recurrent)
+    with paths_taken(model, watch=False) as taken:
+        model(inputs()[0])
+    assert "fused" not in taken
 
 
 def test_unrolled_equals_fused_across_two_models_loaded_from_one_state():
@@ -838,8 +889,10 @@ def test_irnn_note_describes_the_recurrent_matrices_it_reports():
         assert ("identity x 1.0" in note) == is_identity, (recurrent_init, note)
 
 
-@pytest.mark.parametrize(("kind", "init"), [("rnn", "normal"), ("lstm", "xavier_uniform"),
-                                            ("gru", "xavier_uniform"), ("mlp", "normal")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "init"),
+    [("rnn", "normal"), ("lstm", "xavier_uniform"), ("gru", "xavier_uniform"), ("mlp", "normal")],
+)
 def test_a_remedy_starts_from_its_standard_init_a_failure_demo_does_not(kind, init):
     # model=lstm (or gru) is the remedy: Glorot's init, not the N(0, 1) meant for the
     # failure demos (the default MLP, the plain RNN); init=... still wins.

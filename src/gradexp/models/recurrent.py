@@ -5,7 +5,10 @@ serve both paths. ``fused=true`` calls it (cuDNN on a GPU). The default unrolls
 the same cell in Python with the same weights, so that every hidden state h_t
 is a tensor of its own: the telemetry can then measure ||dL/dh_t||, the gradient
 that reaches each time step (``trace``), the activation can be any of the
-activation group, and a layer norm can sit inside the cell.
+activation group, and a layer norm can sit inside the cell. A pass that nothing
+measures per time step (no trace, no activation hook: every step but the logging
+ones) takes the fused kernel whenever it computes the same cell (tanh, or an Elman
+ReLU, and no norm inside): the same function, several times faster.
 """
 
 from __future__ import annotations
@@ -86,8 +89,25 @@ class RecurrentLayer(nn.Module):
         """Whether forward passes its hidden states to ``trace`` (not when fused)."""
         return not self.fused
 
+    @property
+    def fusable(self) -> bool:
+        """Whether torch's fused kernel computes this very cell: the nonlinearity it
+        applies itself (tanh; ReLU for an Elman cell) and no layer norm inside."""
+        kernel = (
+            nn.ReLU
+            if isinstance(self.cell, nn.RNN) and self.cell.nonlinearity == "relu"
+            else nn.Tanh
+        )
+        return self.norm_x is None and type(self.act) is kernel
+
+    def watched(self) -> bool:
+        """Whether this pass is measured per time step: its states traced, or its
+        activation or gates hooked (activation health)."""
+        hooked = [m for m in (self.act, self.gates) if m is not None and m._forward_hooks]
+        return self.trace is not None or bool(hooked)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused or (self.fusable and not self.watched()):
             return self._fused(x)
         return self._unrolled(x)
 
