@@ -7,8 +7,10 @@ Debian's); screenshots land in the test's tmp dir (printed on failure).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import TINY, cli_env, describe, run_cli
@@ -44,6 +47,14 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def leaves(node: dict, prefix: str = "") -> dict:
+    """A nested config as {"dotted.key": value}."""
+    out = {}
+    for k, v in node.items():
+        out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,26 +64,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tensorboard(logdir: Path):
     """``tensorboard --logdir`` on 127.0.0.1: its base URL."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "tensorboard"
-    proc = subprocess.Popen(
-        [str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
-         "--reload_interval", "0"],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            runs = json.loads(urllib.request.urlopen(f"{url}/data/plugin/gradexp/runs").read())
-            if len(runs["runs"]) == 3:  # every run loaded
-                break
-        except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"tensorboard did not serve the runs: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.5)
+    proc, url = start_tensorboard(logdir, 3, "--reload_interval", "0")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -84,6 +76,42 @@ def get(url: str) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def start_tensorboard(logdir: Path, runs: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``tensorboard --logdir`` on 127.0.0.1, once it lists ``runs`` gradexp runs."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "tensorboard"
+    proc = subprocess.Popen(
+        [str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port), *extra],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            listed = json.loads(urllib.request.urlopen(f"{url}/data/plugin/gradexp/runs").read())
+            if len(listed["runs"]) == runs:  # every run loaded
+                return proc, url
+        except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"tensorboard did not serve the runs: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+
+
+def sweep_values(grid: dict) -> np.ndarray:
+    """A /heatmaps grid's values: layers x steps float32, NaN where none."""
+    flat = np.frombuffer(base64.b64decode(grid["values_f32"]), dtype="<f4")
+    return flat.reshape(len(grid["layers"]), len(grid["steps"]))
+
+
+def shown_value(text: str, quantity: str) -> float:
+    """The value a tooltip or the keyboard's status line shows for ``quantity``."""
+    m = re.search(rf"{quantity} (\S+?)\)?$", text)
+    assert m, text
+    return float(m[1])
 
 
 def event_values(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -116,7 +144,8 @@ def test_runs_lists_layers_quantities_and_verdicts(tensorboard: str) -> None:
     assert mlp["layers"] == ["hidden.0", "hidden.1", "hidden.2", "head"]  # input first
     assert mlp["quantities"][0] == "signal_bwd" and "grad_norm" in mlp["quantities"]
     assert mlp["time_layers"] == [] and runs["lstm"]["time_layers"] == ["00_recurrent.0"]
-    assert mlp["verdicts"].startswith("| verdict | layer | step | evidence |")
+    # The verdicts table, after the run's outcome in words where it logged one.
+    assert "\n| verdict | layer | step | evidence |" in "\n" + mlp["verdicts"]
 
 
 @pytest.mark.parametrize("quantity", ["signal_bwd", "grad_norm", "update_ratio"])
@@ -135,19 +164,81 @@ def test_heatmap_holds_what_the_event_file_holds(
         assert row == pytest.approx(expected, rel=0, abs=0), tag  # float32 as written
 
 
-def test_heatmaps_hold_every_run_to_four_digits(tensorboard: str, logdir: Path) -> None:
-    status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?quantity=signal_bwd")
-    assert status == 200 and sorted(body["grids"]) == sorted([*SWEEP_RUNS, "lstm"])
-    for run, grid in body["grids"].items():
-        events = event_values(logdir / run)
-        first = next(t for t in events if t.startswith("signal_bwd/00_"))
-        expected = [events[first][step] for step in grid["steps"]]
-        assert grid["values"][0] == pytest.approx(expected, rel=5e-4), run
+def test_heatmaps_hold_every_run_as_logged(tensorboard: str, logdir: Path) -> None:
+    for _ in range(2):  # the second reply comes from the server's cache: the same
+        status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?quantity=signal_bwd")
+        assert status == 200 and sorted(body["grids"]) == sorted([*SWEEP_RUNS, "lstm"])
+        for run, grid in body["grids"].items():
+            events = event_values(logdir / run)
+            tags = sorted(t for t in events if t.startswith("signal_bwd/"))
+            assert [t.split("_", 2)[-1] for t in tags] == grid["layers"], run
+            expected = [[events[t].get(step, math.nan) for step in grid["steps"]] for t in tags]
+            # float32 as written, bit for bit
+            np.testing.assert_array_equal(sweep_values(grid), np.float32(expected), err_msg=run)
     status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?quantity=grad_norm&limit=1")
     assert list(body["grids"]) == ["lstm"]  # the first run by name
     query = urllib.parse.urlencode([("quantity", "grad_norm"), ("run", SWEEP_RUNS[1])])
     status, body = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?{query}")
     assert list(body["grids"]) == [SWEEP_RUNS[1]]
+
+
+def test_runs_bring_the_first_screens_grids(tensorboard: str) -> None:
+    _, alone = get(f"{tensorboard}/data/plugin/gradexp/runs")
+    assert "grids" not in alone
+    status, body = get(f"{tensorboard}/data/plugin/gradexp/runs?first=2&quantity=grad_norm")
+    assert status == 200 and body["runs"] == alone["runs"]
+    assert list(body["grids"]) == sorted(alone["runs"])[:2]  # the first runs by name
+    shown = [("run", run) for run in body["grids"]]
+    query = urllib.parse.urlencode([("quantity", "grad_norm"), *shown])
+    _, heatmaps = get(f"{tensorboard}/data/plugin/gradexp/heatmaps?{query}")
+    assert body["grids"] == heatmaps["grids"]
+    code, error = get(f"{tensorboard}/data/plugin/gradexp/runs?first=2&quantity=bogus")
+    assert code == 400 and "quantity=bogus: unknown" in error["error"]
+
+
+def test_the_sweep_follows_a_run_that_logs_on(tmp_path: Path) -> None:
+    """The grids the server keeps are read again once a run has logged more: a run that
+    grows while TensorBoard serves the tab shows its new steps, not the cached ones."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from gradexp.metrics import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path / "growing")
+    values = {}
+
+    def log(steps: range) -> None:
+        for step in steps:
+            row = [float(np.float32(10.0 ** -(i + step / 7))) for i in range(3)]
+            values[step] = row
+            logger.writer.file_writer.add_summary(
+                Summary(value=[
+                    Summary.Value(tag=f"signal_bwd/{i:02d}_hidden.{i}", simple_value=v)
+                    for i, v in enumerate(row)
+                ]),
+                step,
+            )  # fmt: skip
+        logger.writer.flush()
+
+    log(range(0, 3))
+    proc, url = start_tensorboard(tmp_path, 1, "--reload_interval", "1")
+    try:
+        route = f"{url}/data/plugin/gradexp/heatmaps?quantity=signal_bwd"
+        deadline = time.monotonic() + 60
+        while get(route)[1]["grids"]["growing"]["steps"] != [0, 1, 2]:
+            assert time.monotonic() < deadline, get(route)
+            time.sleep(0.3)
+        log(range(3, 6))
+        while (grid := get(route)[1]["grids"]["growing"])["steps"] != list(range(6)):
+            assert time.monotonic() < deadline, grid["steps"]
+            time.sleep(0.3)
+        expected = np.float32([[values[s][i] for s in range(6)] for i in range(3)])
+        np.testing.assert_array_equal(sweep_values(grid), expected)
+        _, one = get(f"{url}/data/plugin/gradexp/heatmap?run=growing")
+        assert one["steps"] == list(range(6)) and one["values"] == expected.tolist()
+    finally:
+        logger.close()
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_summary_is_the_runs_own(tensorboard: str, logdir: Path) -> None:
@@ -163,13 +254,6 @@ def test_summary_is_the_runs_own(tensorboard: str, logdir: Path) -> None:
     from omegaconf import OmegaConf
 
     composed = OmegaConf.to_container(OmegaConf.load(logdir / run / ".hydra" / "config.yaml"))
-
-    def leaves(node: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in node.items():
-            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
     expected = leaves(composed)
     assert body["config"] and set(body["config"]) == set(expected)
     for key, value in expected.items():
@@ -298,7 +382,7 @@ def test_a_run_heatmap_tooltip_and_profile(
     raw = events["signal_bwd/00_hidden.0"][0]
     head = events["signal_bwd/03_head"][0]
     assert "layer hidden.0 · step 0" in text, text
-    assert f"signal_bwd {raw:.2e}" in text or f"signal_bwd {raw:.3g}" in text, (text, raw)
+    assert np.float32(shown_value(text, "signal_bwd")) == np.float32(raw), (text, raw)  # exact
     # The profile follows the slider: its values are the grid's column at that step.
     profile = frame.locator("#profile")
     assert profile.get_attribute("data-step") == "0"
@@ -310,19 +394,160 @@ def test_a_run_heatmap_tooltip_and_profile(
     last = json.loads(profile.get_attribute("data-values"))
     expected = events["signal_bwd/00_hidden.0"][steps[-1]] / events["signal_bwd/03_head"][steps[-1]]
     assert last[0] == pytest.approx(expected, rel=1e-6) and not math.isnan(last[0])
-    assert "verdict" in frame.locator("#verdicts").text_content()
+    assert frame.locator("#verdicts th").first.text_content() == "verdict"
+    _, listing = get(f"{tensorboard}/data/plugin/gradexp/runs")
+    outcome = listing["runs"][run]["verdicts"].split("\n")[0]
+    if outcome.startswith("outcome: **"):  # in words above the table, not a row of it
+        shown = frame.locator(".outcome").text_content()
+        assert shown == outcome.replace("**", "").replace("\\|", "|"), (shown, outcome)
+        assert frame.locator(".outcome strong").count() == 1
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
     page.close()
 
 
+def test_the_heatmap_reads_out_by_keyboard(
+    browser, tensorboard: str, logdir: Path, tmp_path: Path
+) -> None:
+    run = SWEEP_RUNS[0]
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#run").select_option(run)
+    heatmap = frame.locator("#heatmap")
+    heatmap.wait_for()
+    events = event_values(logdir / run)
+    steps = sorted(events["signal_bwd/00_hidden.0"])
+    layers = ["00_hidden.0", "01_hidden.1", "02_hidden.2", "03_head"]
+    readout = frame.locator("#heatmap-readout")
+    assert readout.get_attribute("role") == "status"
+    assert heatmap.get_attribute("aria-describedby") == "heatmap-readout"
+    # Tab from the last control reaches the heatmap; its cursor starts at the input layer
+    # and the profile's step.
+    frame.locator("#filter").focus()
+    page.keyboard.press("Tab")
+    assert frame.locator("#heatmap:focus").count() == 1
+    profile = frame.locator("#profile")
+
+    def check(layer: int, column: int) -> None:
+        text = readout.text_content()
+        name, step = layers[layer].split("_", 1)[1], steps[column]
+        assert f"{run} · layer {name} · step {step} · " in text, text
+        raw = events[f"signal_bwd/{layers[layer]}"][step]
+        assert np.float32(shown_value(text, "signal_bwd")) == np.float32(raw), (text, raw)
+        assert readout.get_attribute("data-step") == str(step)
+
+    check(0, 0)
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    check(2, 0)
+    assert profile.get_attribute("data-step") == "0"  # up/down: the layer only
+    page.keyboard.press("ArrowRight")
+    check(2, 1)
+    assert profile.get_attribute("data-step") == str(steps[1])  # left/right: the profile too
+    page.keyboard.press("End")
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")  # the head is the top row: stays
+    check(3, len(steps) - 1)
+    assert profile.get_attribute("data-step") == str(steps[-1])
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowDown")
+    check(2, 0)
+    page.keyboard.press("Enter")
+    assert profile.get_attribute("data-step") == "0"
+    # The cursor is drawn on the canvas while it has the focus: a black edge left of its
+    # cell (white outside it), gone once the focus moves on.
+    probe = """c => { const g = c.gradexp; const i = g.cursor.i, j = g.cursor.j;
+        const y = (g.grid.layers.length - 1 - i) * g.ch + Math.floor(g.ch / 2);
+        return Array.from(c.getContext('2d').getImageData(g.left + j * g.cw - 1, y, 1, 1).data);
+    }"""
+    assert heatmap.evaluate(probe) == [0, 0, 0, 255]
+    page.screenshot(path=str(tmp_path / "keyboard.png"), full_page=True)
+    page.keyboard.press("Shift+Tab")
+    assert heatmap.evaluate(probe) != [0, 0, 0, 255]
+    assert "layer hidden.2 · step 0" in readout.text_content()  # still on screen
+    page.close()
+
+
+def test_a_run_shows_its_config(browser, tensorboard: str, logdir: Path, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    run = SWEEP_RUNS[1]
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#run").select_option(run)
+    frame.locator("#config details").first.wait_for()
+    composed = OmegaConf.to_container(OmegaConf.load(logdir / run / ".hydra" / "config.yaml"))
+    rows = frame.locator("#config tr[data-key]").evaluate_all(
+        "rs => rs.map(r => [r.dataset.key, r.closest('details').dataset.group,"
+        " r.querySelector('th').textContent, r.querySelector('td').textContent])"
+    )
+    shown = {}
+    for key, group, name, text in rows:  # each under its top-level key
+        assert key == (f"{group}.{name}" if group else name), (key, group, name)
+        shown[key] = text
+    expected = leaves(composed)
+    assert set(shown) == set(expected)
+    for key, value in expected.items():  # strings as they are, the rest as JSON
+        assert (shown[key] if isinstance(value, str) else json.loads(shown[key])) == value, key
+    groups = frame.locator("#config details")
+    opened = groups.evaluate_all("ds => ds.filter(d => d.open).map(d => d.dataset.group)")
+    assert {"model", "init", "activation", "norm", "clip", "optim"} <= set(opened)
+    assert "trainer" not in opened  # one line until opened
+    summary = frame.locator('#config details[data-group="init"] summary').text_content()
+    assert summary == f"init: {composed['init']['name']}"
+    page.close()
+
+
+def test_a_run_without_config_says_so(browser, tensorboard: str, tmp_path: Path) -> None:
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+
+    def no_config(route) -> None:  # as a run logged before the config was
+        body = route.fetch().json()
+        route.fulfill(json={**body, "config": None})
+
+    page.route("**/data/plugin/gradexp/summary?*", no_config)
+    frame.locator("#run").select_option(SWEEP_RUNS[0])
+    config = frame.locator("#config")
+    config.wait_for()
+    assert config.evaluate("c => c.tagName") == "P"
+    assert "no config logged" in config.text_content()
+    page.close()
+
+
+def test_a_sweep_card_opens_with_enter(browser, tensorboard: str, tmp_path: Path) -> None:
+    page, frame = open_tab(browser, tensorboard, tmp_path)
+    frame.locator("#sweep[data-complete]").wait_for()
+    runs = sorted([*SWEEP_RUNS, "lstm"])
+    # A card's heatmap is not a Tab stop of its own: Tab goes from card to card.
+    assert frame.locator("#sweep canvas[tabindex]").count() == 0
+    frame.locator("#filter").focus()
+    focused = "() => document.activeElement.closest('.card')?.dataset.run"
+    page.keyboard.press("Tab")
+    assert frame.locator("body").evaluate(focused) == runs[0]
+    page.keyboard.press("Tab")
+    assert frame.locator("body").evaluate(focused) == runs[1]
+    page.screenshot(path=str(tmp_path / "sweep_focus.png"), full_page=True)
+    page.keyboard.press("Enter")
+    frame.locator("#heatmap").wait_for()
+    assert frame.locator("h2").text_content() == runs[1]
+    assert frame.locator("#view").input_value() == "run"
+    assert frame.locator("#run").input_value() == runs[1]
+    page.close()
+
+
 def test_a_recurrent_run_shows_gradients_through_time(
-    browser, tensorboard: str, tmp_path: Path
+    browser, tensorboard: str, logdir: Path, tmp_path: Path
 ) -> None:
     page, frame = open_tab(browser, tensorboard, tmp_path)
     frame.locator("#run").select_option("lstm")
     time_section = frame.locator("#time canvas[data-rows]")
     time_section.first.wait_for()
     assert time_section.first.get_attribute("data-rows") == "8"  # t = 0..7
+    # Read by keyboard as well: t=1 at the first logged step, as the event file holds it.
+    time_section.first.focus()
+    page.keyboard.press("ArrowUp")
+    text = frame.locator("#time .readout").first.text_content()
+    series = event_values(logdir / "lstm")["time_grad/00_recurrent.0/t1"]
+    step = min(series)
+    assert f"lstm · 00_recurrent.0 t=1 · step {step} · " in text, text
+    assert np.float32(shown_value(text, "time_grad")) == np.float32(series[step]), text
     page.screenshot(path=str(tmp_path / "recurrent.png"), full_page=True)
     page.close()
 

@@ -4,8 +4,10 @@ TensorBoard loads it as a dynamic plugin: it serves an ES module (``static/index
 shown in an iframe tab) and routes that read the runs' scalars through TensorBoard's
 data provider, so the tab shows what the Scalars tab would, from the same events:
 
-- ``/runs``: every run with per-layer series: its layers (input first), the per-layer
-  quantities it has, its recurrent layers with gradients through time, its verdicts.
+- ``/runs[?first=N[&quantity=Q]]``: every run with per-layer series: its layers (input
+  first), the per-layer quantities it has, its recurrent layers with gradients through
+  time, its verdicts; with ``first``, also the first N runs' grids (by name) as
+  ``/heatmaps`` sends them (the sweep view's first screen: one listing serves both).
 - ``/heatmap?run=R&quantity=Q``: the layer x step grid of one quantity, the values as
   the event file holds them (null where a layer has no value at a step).
 - ``/heatmaps?quantity=Q[&run=R...][&limit=N]``: every run's (these runs', the first
@@ -50,6 +52,7 @@ QUANTITIES = {
     "update_ratio": "update / weight ||dW||/||W||",
     "dead_frac": "dead share of units",
     "sat_frac": "saturated share of units",
+    "gate_sat_frac": "saturated share of gates (LSTM, GRU)",
 }
 # Per-layer tags: <quantity>/<NN>_<layer name>; through time: time_grad/<NN>_<layer>/t<k>.
 LAYER_TAG = re.compile(r"^(?P<quantity>[a-z_]+)/(?P<index>\d+)_(?P<layer>[^/]+)$")
@@ -177,8 +180,13 @@ class GradexpPlugin(base_plugin.TBPlugin):
 
     @Request.application
     def _runs(self, request: Request) -> Response:
+        first = request.args.get("first", type=int)
+        quantity = request.args.get("quantity", "signal_bwd")
+        if first is not None and quantity not in QUANTITIES:
+            return _unknown_quantity(request, quantity)
+        listing = self._scalar_tags(request)
         runs: dict[str, dict[str, Any]] = {}
-        for run, tags in self._scalar_tags(request).items():
+        for run, tags in listing.items():
             layers: dict[int, str] = {}
             quantities: set[str] = set()
             time_layers: set[str] = set()
@@ -198,7 +206,11 @@ class GradexpPlugin(base_plugin.TBPlugin):
         verdicts = self._verdicts(request, list(runs)) if runs else {}
         for run, info in runs.items():
             info["verdicts"] = verdicts.get(run)
-        return _json(request, {"runs": runs, "quantities": QUANTITIES})
+        body: dict[str, Any] = {"runs": runs, "quantities": QUANTITIES}
+        if first is not None:
+            shown = sorted(runs)[: max(first, 0)]
+            body["grids"] = self._sweep(request, quantity, {run: listing[run] for run in shown})
+        return _json(request, body)
 
     @Request.application
     def _heatmap(self, request: Request) -> Response:
@@ -228,6 +240,12 @@ class GradexpPlugin(base_plugin.TBPlugin):
         listing = self._scalar_tags(request, runs)
         if limit is not None and runs is None:  # one listing serves both
             listing = {run: listing[run] for run in sorted(listing)[: max(limit, 0)]}
+        return _json(request, {"grids": self._sweep(request, quantity, listing)})
+
+    def _sweep(
+        self, request: Request, quantity: str, listing: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """The grids of ``listing``'s runs that have ``quantity``, values as float32 bytes."""
         grids = {}
         for run, grid in self._grids(request, None, quantity, listing).items():
             if grid is not None:
@@ -236,7 +254,7 @@ class GradexpPlugin(base_plugin.TBPlugin):
                     **{k: v for k, v in grid.items() if k != "values"},
                     "values_f32": base64.b64encode(values).decode("ascii"),
                 }
-        return _json(request, {"grids": grids})
+        return grids
 
     def _grids(
         self,
@@ -285,12 +303,13 @@ class GradexpPlugin(base_plugin.TBPlugin):
         )
         for run, order in orders.items():
             series = data.get(run, {})
-            steps = sorted({d.step for tag, _ in order for d in series.get(tag, [])})
+            logged = [[d.step for d in series.get(tag, [])] for tag, _ in order]
+            steps = sorted(set().union(*logged))
             column = {step: j for j, step in enumerate(steps)}
             values = np.full((len(order), len(steps)), np.nan)
             for i, (tag, _) in enumerate(order):
-                points = series.get(tag, [])
-                values[i, [column[d.step] for d in points]] = [d.value for d in points]
+                at = slice(None) if logged[i] == steps else [column[s] for s in logged[i]]
+                values[i, at] = [d.value for d in series.get(tag, [])]
             grid = {
                 "run": run,
                 "quantity": quantity,

@@ -1,10 +1,11 @@
 // The gradexp tab: which layer starves, and from when.
 //
 // TensorBoard loads this module in an iframe and calls render(). Everything is drawn
-// from the plugin's JSON routes (./runs, ./heatmap, ./time): a layer x step heatmap of
-// the chosen quantity per run (log colours, cividis: readable in print and for
-// colour-blind readers), the per-layer profile at a chosen step, gradients through time
-// for recurrent runs, and a sweep's runs side by side on one colour scale.
+// from the plugin's JSON routes (./runs, ./heatmap(s), ./time, ./summary, ./statuses): a
+// layer x step heatmap of the chosen quantity per run (log colours, cividis: readable in
+// print and for colour-blind readers), the per-layer profile at a chosen step, gradients
+// through time for recurrent runs, the run's config, and a sweep's runs side by side on
+// one colour scale. What the mouse reads, the keyboard reads too (a cursor on a heatmap).
 
 // cividis at 9 evenly spaced points (matplotlib's).
 const CIVIDIS = [
@@ -17,6 +18,8 @@ const EXPLODING = 1e2;
 const CELL_MAX = 14; // px per heatmap cell at most
 const LABEL_WIDTH = 130; // px for the layer names left of a heatmap
 const FIRST_SCREEN = 16; // sweep cards fetched and drawn first
+// Config groups shown open; the others are one line each until opened.
+const HEADLINE = ['model', 'init', 'activation', 'norm', 'clip', 'optim', ''];
 
 const state = {runs: {}, quantities: {}, run: null, quantity: 'signal_bwd', relative: true,
   view: 'run', filter: '', grid: null, step: 0, sweep: null, token: 0,
@@ -28,10 +31,9 @@ export async function render() {
   body.appendChild(el('div', {id: 'controls'}));
   body.appendChild(el('div', {id: 'main'}));
   body.appendChild(el('div', {id: 'tooltip', role: 'status', hidden: ''}));
-  // The first screen of the sweep view is asked for with the run list, not after it.
-  const firstScreen = getJSON(`./heatmaps?quantity=${state.quantity}&limit=${FIRST_SCREEN}`);
-  firstScreen.catch(() => null);
-  const index = await getJSON('./runs');
+  // The first screen of the sweep view comes with the run list: one request, one
+  // listing of the runs' tags on the server (two in parallel cost more than one).
+  const index = await getJSON(`./runs?first=${FIRST_SCREEN}&quantity=${state.quantity}`);
   state.runs = index.runs;
   state.quantities = index.quantities;
   const names = Object.keys(state.runs).sort();
@@ -42,7 +44,7 @@ export async function render() {
   }
   state.run = names[0];
   state.view = names.length > 1 ? 'sweep' : 'run';
-  state.firstScreen = firstScreen;
+  state.firstScreen = index.grids;
   drawControls(names);
   await update();
 }
@@ -109,7 +111,7 @@ async function drawRun(main, current) {
     el('h2', {}, state.run),
     el('p', {class: 'status'}, statusLine(summary)),
     el('p', {class: 'what'}, describe(grid)),
-    el('div', {}, heatmapFigure(grid, lo, hi, {cell: CELL_MAX, labels: true, id: 'heatmap'})),
+    readableHeatmap(grid, lo, hi, {cell: CELL_MAX, id: 'heatmap'}),
     el('div', {}, colorbar(lo, hi, grid.label)),
     profileSection(grid),
   );
@@ -120,7 +122,31 @@ async function drawRun(main, current) {
   }
   main.appendChild(el('h3', {}, 'verdicts'));
   main.appendChild(verdictTable(info.verdicts));
+  main.appendChild(el('h3', {}, 'config'));
+  main.appendChild(configSection(grid.config));
   showProfile(0);
+}
+
+// The run's composed config ({"model.depth": 20, ...}) by its top-level group, in the
+// order the run logged it: the headline groups open, the rest one line until opened.
+function configSection(config) {
+  if (!config) return el('p', {id: 'config'}, 'no config logged (a run from before gradexp logged it)');
+  const groups = new Map();
+  for (const [key, value] of Object.entries(config)) {
+    const dot = key.indexOf('.');
+    const group = dot < 0 ? '' : key.slice(0, dot);
+    if (!groups.has(group)) groups.set(group, []);
+    groups.get(group).push([key, dot < 0 ? key : key.slice(dot + 1), value]);
+  }
+  const shown = (v) => (typeof v === 'string' ? v : JSON.stringify(v));
+  return el('div', {id: 'config'}, ...[...groups].map(([group, entries]) => {
+    const name = entries.find(([, k]) => k === 'name');
+    return el('details', {class: 'config-group', 'data-group': group,
+      ...(HEADLINE.includes(group) ? {open: ''} : {})},
+    el('summary', {}, group || 'top level', name ? `: ${shown(name[2])}` : ''),
+    el('table', {}, el('tbody', {}, ...entries.map(([key, k, v]) =>
+      el('tr', {'data-key': key}, el('th', {scope: 'row'}, k), el('td', {}, shown(v)))))));
+  }));
 }
 
 function statusLine(summary) {
@@ -132,16 +158,22 @@ function statusLine(summary) {
     (metrics ? ` · ${metrics}` : '') + (summary.error ? ` · ${summary.error}` : '');
 }
 
-// The run/verdicts Markdown table as an HTML table (cells split on unescaped pipes).
+// The run/verdicts Markdown: the outcome in words first where the run logged one (its
+// **bold** kept), then the table as an HTML table (cells split on unescaped pipes).
 function verdictTable(markdown) {
   if (!markdown) return el('p', {id: 'verdicts'}, 'no verdicts logged yet');
-  const rows = markdown.trim().split('\n').filter((line) => !/^\|[-| ]+\|$/.test(line))
-    .map((line) => line.replace(/^\|\s*|\s*\|$/g, '').split(/\s*(?<!\\)\|\s*/)
-      .map((cell) => cell.replace(/<br>/g, '\n').replace(/\\([\\|])/g, '$1')));
+  const lines = markdown.trim().split('\n');
+  const unescape = (text) => text.replace(/<br>/g, '\n').replace(/\\([\\|*])/g, '$1');
+  const words = lines.filter((line) => line.trim() && !line.startsWith('|')).map((line) =>
+    el('p', {class: 'outcome'}, ...line.split(/(?<!\\)\*\*/).map((part, k) =>
+      (k % 2 ? el('strong', {}, unescape(part)) : unescape(part)))));
+  const rows = lines.filter((line) => line.startsWith('|') && !/^\|[-| ]+\|$/.test(line))
+    .map((line) => line.replace(/^\|\s*|\s*\|$/g, '').split(/\s*(?<!\\)\|\s*/).map(unescape));
   const [head, ...body] = rows;
-  return el('table', {id: 'verdicts'},
+  const table = head ? el('table', {id: 'verdicts'},
     el('thead', {}, el('tr', {}, ...head.map((h) => el('th', {}, h)))),
-    el('tbody', {}, ...body.map((r) => el('tr', {}, ...r.map((c) => el('td', {}, c))))));
+    el('tbody', {}, ...body.map((r) => el('tr', {}, ...r.map((c) => el('td', {}, c)))))) : null;
+  return el('div', {}, ...words, table);
 }
 
 function describe(grid) {
@@ -157,7 +189,7 @@ function describe(grid) {
 // The grid as drawn: relative to the head (the last layer) at each step when asked and
 // meaningful; log10 of the values; null where there is nothing (or a non-positive value).
 function transform(raw) {
-  const fractions = raw.quantity === 'dead_frac' || raw.quantity === 'sat_frac';
+  const fractions = ['dead_frac', 'sat_frac', 'gate_sat_frac'].includes(raw.quantity);
   const relative = state.relative && !fractions;
   const head = raw.values[raw.values.length - 1];
   const values = raw.values.map((row) => row.map((v, j) => {
@@ -204,12 +236,19 @@ function rgb(x, lo, hi) {
   return CIVIDIS[i].map((a, k) => Math.round(a + f * (CIVIDIS[i + 1][k] - a)));
 }
 
+// rgb at 1024 evenly spaced points, for the heatmaps' cells (300k in a 100-run sweep,
+// where rgb's arrays were half the time drawing took): within 1 of rgb in every channel.
+const LEVELS = 1024;
+const LOOKUP = new Uint8Array(3 * LEVELS);
+for (let n = 0; n < LEVELS; n++) LOOKUP.set(rgb(n / (LEVELS - 1), 0, 1), 3 * n);
+
 function color(x, lo, hi) {
   const c = rgb(x, lo, hi);
   return `rgb(${c[0]},${c[1]},${c[2]})`;
 }
 
 // A heatmap canvas: rows are layers (input at the bottom), columns logged steps.
+// `labels`: the layer names and steps drawn around it (a sweep's cards have none).
 function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 420}) {
   const rows = grid.layers.length;
   const cols = grid.steps.length;
@@ -219,23 +258,28 @@ function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 42
   const bottom = labels ? 30 : 0;
   const canvas = el('canvas', {
     ...(id ? {id} : {}), width: left + cols * cw + (labels ? 90 : 4), height: rows * ch + bottom + 4,
-    tabindex: '0', role: 'img',
-    'aria-label': `${grid.label} heatmap: ${rows} layers x ${cols} steps`,
+    role: 'img', 'aria-label': `${grid.label} heatmap: ${rows} layers x ${cols} steps`,
     'data-rows': rows, 'data-cols': cols,
   });
   const ctx = canvas.getContext('2d');
   // One pixel per cell, then scaled up without smoothing: a 100-run sweep draws 300k
   // cells, which fillRect takes ~10x longer to paint.
   const pixels = new ImageData(Math.max(cols, 1), Math.max(rows, 1));
+  const data = pixels.data;
+  const scale = (LEVELS - 1) / (hi - lo);
   for (let i = 0; i < rows; i++) {
     const y = rows - 1 - i; // input (layer 0) at the bottom
+    const row = grid.values[i];
     for (let j = 0; j < cols; j++) {
-      const c = rgb(logOf(grid.values[i][j], grid.log), lo, hi);
+      const x = logOf(row[j], grid.log);
       const k = 4 * (y * cols + j);
-      pixels.data[k] = c[0];
-      pixels.data[k + 1] = c[1];
-      pixels.data[k + 2] = c[2];
-      pixels.data[k + 3] = 255;
+      const n = x === null ? -1 : 3 * Math.round(Math.min(LEVELS - 1, Math.max(0, (x - lo) * scale)));
+      const c = n < 0 ? MISSING : LOOKUP;
+      const at = n < 0 ? 0 : n;
+      data[k] = c[at];
+      data[k + 1] = c[at + 1];
+      data[k + 2] = c[at + 2];
+      data[k + 3] = 255;
     }
   }
   const cells = document.createElement('canvas');
@@ -248,9 +292,9 @@ function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 42
   if (labels && grid.summary) markVerdicts(ctx, grid, left, cw, ch);
   if (labels) {
     ctx.fillStyle = '#222';
-    ctx.font = `${Math.min(12, ch + 2)}px sans-serif`;
+    ctx.font = '12px sans-serif'; // legible at any row height: fewer names where rows are thin
     ctx.textBaseline = 'middle';
-    const every = Math.ceil(12 / ch);
+    const every = Math.ceil(14 / ch);
     for (let i = 0; i < rows; i += every) {
       ctx.fillText(grid.layers[i], 2, (rows - 1 - i) * ch + ch / 2, left - 6);
     }
@@ -263,19 +307,94 @@ function heatmapFigure(grid, lo, hi, {cell, labels, id, width = 900, height = 42
     }
     ctx.fillText('training step →', left + cols * cw - 100, rows * ch + 18);
   }
-  canvas.gradexp = {grid, left, cw, ch};
+  canvas.gradexp = {grid, left, cw, ch, cursor: null, picture: null, readout: null};
   canvas.addEventListener('mousemove', (e) => hover(e, canvas));
   canvas.addEventListener('mouseleave', () => { tooltip().hidden = true; });
+  return canvas;
+}
+
+// A heatmap the keyboard reads as the mouse does: Tab focuses it, the arrow keys move a
+// cursor cell (up/down a layer, left/right a step, Home/End the first/last step), and
+// the cell's layer, step and value show below it, in a status line screen readers
+// announce. On the run's own heatmap a click, Enter and left/right set the profile's step.
+function readableHeatmap(grid, lo, hi, {cell, id}) {
+  const canvas = heatmapFigure(grid, lo, hi, {cell, labels: true, id});
+  const profiled = () => state.grid === grid; // the run's heatmap: it sets the profile
+  const readout = el('p', {class: 'readout', id: `${id}-readout`, role: 'status',
+    'aria-live': 'polite'}, `Tab to the heatmap, then ↑↓ ${grid.row ? 'time step' : 'layer'}, ` +
+    `←→ step, Home/End first/last step${profiled() ? ', Enter: the profile at that step' : ''}.`);
+  Object.assign(canvas.gradexp, {readout});
+  canvas.setAttribute('tabindex', '0');
+  // An application, not an image: screen readers pass the arrow keys through to it.
+  canvas.setAttribute('role', 'application');
+  canvas.setAttribute('aria-roledescription', 'heatmap');
+  canvas.setAttribute('aria-describedby', readout.id);
+  canvas.addEventListener('focus', () => {
+    const g = canvas.gradexp;
+    g.cursor = g.cursor || {i: 0, j: profiled() ? state.step : 0};
+    moveCursor(canvas, g.cursor.i, g.cursor.j);
+  });
+  canvas.addEventListener('blur', () => drawCursor(canvas));
   canvas.addEventListener('click', (e) => {
-    const cellAt = locate(e, canvas);
-    if (cellAt && state.grid === grid) setStep(cellAt.j);
+    const at = locate(e, canvas);
+    if (!at) return;
+    moveCursor(canvas, at.i, at.j);
+    if (profiled()) setStep(at.j);
   });
   canvas.addEventListener('keydown', (e) => {
-    if (state.grid !== grid) return;
-    if (e.key === 'ArrowRight') setStep(Math.min(grid.steps.length - 1, state.step + 1));
-    if (e.key === 'ArrowLeft') setStep(Math.max(0, state.step - 1));
+    const {cursor} = canvas.gradexp;
+    if (!cursor || e.altKey || e.ctrlKey || e.metaKey) return;
+    const last = {i: grid.layers.length - 1, j: grid.steps.length - 1};
+    const moves = {
+      ArrowUp: [Math.min(last.i, cursor.i + 1), cursor.j], // up: towards the head
+      ArrowDown: [Math.max(0, cursor.i - 1), cursor.j],
+      ArrowRight: [cursor.i, Math.min(last.j, cursor.j + 1)],
+      ArrowLeft: [cursor.i, Math.max(0, cursor.j - 1)],
+      Home: [cursor.i, 0],
+      End: [cursor.i, last.j],
+      Enter: [cursor.i, cursor.j],
+    };
+    if (!moves[e.key]) return;
+    e.preventDefault(); // the page does not scroll
+    const [i, j] = moves[e.key];
+    moveCursor(canvas, i, j);
+    if (profiled() && !['ArrowUp', 'ArrowDown'].includes(e.key)) setStep(j);
   });
-  return canvas;
+  return el('div', {class: 'heatmap'}, canvas, readout);
+}
+
+function moveCursor(canvas, i, j) {
+  const g = canvas.gradexp;
+  g.cursor = {i, j};
+  drawCursor(canvas);
+  g.readout.textContent = cellText(g.grid, i, j);
+  g.readout.dataset.layer = g.grid.layers[i];
+  g.readout.dataset.step = g.grid.steps[j];
+}
+
+// The cursor over the picture as drawn (kept at the first cursor), while focused.
+function drawCursor(canvas) {
+  const g = canvas.gradexp;
+  const ctx = canvas.getContext('2d');
+  if (!g.picture) g.picture = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  ctx.putImageData(g.picture, 0, 0);
+  if (!g.cursor || document.activeElement !== canvas) return;
+  const x = g.left + g.cursor.j * g.cw;
+  const y = (g.grid.layers.length - 1 - g.cursor.i) * g.ch;
+  // White under black: seen on every colour of the scale and on the contours.
+  for (const [stroke, width] of [['#ffffff', 4], ['#000000', 2]]) {
+    ctx.strokeStyle = stroke;
+    ctx.lineWidth = width;
+    ctx.strokeRect(x - 1, y - 1, g.cw + 2, g.ch + 2);
+  }
+  // A mark under the step axis too: a cell of a few pixels is easy to lose.
+  ctx.fillStyle = '#000000';
+  const bottom = g.grid.layers.length * g.ch;
+  ctx.beginPath();
+  ctx.moveTo(x + g.cw / 2, bottom + 1);
+  ctx.lineTo(x + g.cw / 2 - 4, bottom + 6);
+  ctx.lineTo(x + g.cw / 2 + 4, bottom + 6);
+  ctx.fill();
 }
 
 // The verdicts' thresholds as contours: the edges between cells beyond a threshold and
@@ -347,16 +466,22 @@ function locate(e, canvas) {
   return {i, j};
 }
 
+// What a cell holds, for the mouse's tooltip and the keyboard's cursor alike: the run,
+// the layer, the step and the value as the event file holds it (relative: also its
+// share of the head's).
+function cellText(grid, i, j) {
+  const value = grid.values[i][j];
+  const raw = grid.raw[i][j];
+  return `${grid.run} · ${grid.row ?? 'layer '}${grid.layers[i]} · step ${grid.steps[j]} · ` +
+    (grid.relative ? `${fmt(value)} of the head (${grid.quantity} ${exact(raw)})`
+      : `${grid.quantity} ${exact(raw)}`);
+}
+
 function hover(e, canvas) {
   const at = locate(e, canvas);
   const tip = tooltip();
   if (!at) { tip.hidden = true; return; }
-  const {grid} = canvas.gradexp;
-  const value = grid.values[at.i][at.j];
-  const raw = grid.raw[at.i][at.j];
-  tip.textContent = `${grid.run} · layer ${grid.layers[at.i]} · step ${grid.steps[at.j]} · ` +
-    (grid.relative ? `${fmt(value)} of the head (${grid.quantity} ${fmt(raw)})`
-      : `${grid.quantity} ${fmt(raw)}`);
+  tip.textContent = cellText(canvas.gradexp.grid, at.i, at.j);
   tip.hidden = false;
   tip.style.left = `${e.pageX + 12}px`;
   tip.style.top = `${e.pageY + 12}px`;
@@ -401,6 +526,12 @@ function setStep(j) {
   state.step = j;
   const slider = document.getElementById('step');
   if (slider) slider.value = j;
+  // The keyboard's cursor follows the profile's step (read out when next focused).
+  const heatmap = document.getElementById('heatmap');
+  if (heatmap && heatmap.gradexp.cursor) {
+    heatmap.gradexp.cursor.j = j;
+    drawCursor(heatmap);
+  }
   showProfile(j);
 }
 
@@ -459,11 +590,11 @@ async function timeSection(run) {
   const section = el('section', {id: 'time'}, el('h3', {}, '‖∂L/∂h_t‖ through time'));
   for (const [layer, g] of Object.entries(data.layers)) {
     const grid = {run, quantity: 'time_grad', layers: g.t.map((t) => `t=${t}`), steps: g.steps,
-      values: g.values, raw: g.values, relative: false, log: true,
+      values: g.values, raw: g.values, relative: false, log: true, row: `${layer} `,
       label: `${layer}: ‖∂L/∂h_t‖ (rows: time step t, first at the bottom)`};
     const [lo, hi] = range([grid]);
     section.append(el('p', {class: 'what'}, grid.label),
-      el('div', {}, heatmapFigure(grid, lo, hi, {cell: 10, labels: true})),
+      readableHeatmap(grid, lo, hi, {cell: 10, id: `time-${layer}`}),
       el('div', {}, colorbar(lo, hi, '‖∂L/∂h_t‖')));
   }
   return section;
@@ -481,9 +612,9 @@ async function drawSweep(main, current) {
     const first = names.slice(0, FIRST_SCREEN);
     const query = new URLSearchParams([['quantity', state.quantity], ...first.map((r) => ['run', r])]);
     const asked = state.firstScreen && !needle && state.quantity === 'signal_bwd'
-      ? state.firstScreen : getJSON(`./heatmaps?${query}`);
+      ? {grids: state.firstScreen} : await getJSON(`./heatmaps?${query}`);
     state.firstScreen = null;
-    Object.assign(sweep.grids, decodeGrids((await asked).grids));
+    Object.assign(sweep.grids, decodeGrids(asked.grids));
     // The rest is asked for before the first screen is drawn: the server reads while
     // this draws (the first screen's runs come again, from the server's cache).
     const all = getJSON(`./heatmaps?${new URLSearchParams({quantity: state.quantity})}`);
@@ -514,10 +645,14 @@ function decodeGrids(grids) {
     for (let k = 0; k < text.length; k++) bytes[k] = text.charCodeAt(k);
     const view = new DataView(bytes.buffer);
     const cols = g.steps.length;
-    g.values = g.layers.map((_, i) => Array.from({length: cols}, (_, j) => {
-      const v = view.getFloat32(4 * (i * cols + j), true);
-      return Number.isFinite(v) ? v : null;
-    }));
+    g.values = g.layers.map((_, i) => {
+      const row = new Array(cols);
+      for (let j = 0; j < cols; j++) {
+        const v = view.getFloat32(4 * (i * cols + j), true);
+        row[j] = Number.isFinite(v) ? v : null;
+      }
+      return row;
+    });
     delete g.values_f32;
   }
   return grids;
@@ -526,32 +661,39 @@ function decodeGrids(grids) {
 function drawCards(main, names, sweep) {
   const grids = names.filter((run) => sweep.grids[run]).map((run) => transform(sweep.grids[run]));
   const [lo, hi] = range(grids);
-  const cards = grids.map((grid) => {
-    const card = el('figure', {class: 'card', 'data-run': grid.run},
-      heatmapFigure(grid, lo, hi, {cell: 10, labels: false, width: 300, height: 130}),
-      el('figcaption', {}, el('button', {type: 'button'}, grid.run),
-        el('span', {class: 'run-status'}), verdictLine(grid.run)));
-    card.querySelector('button').onclick = () => {
+  // Each card's button is its one Tab stop: Enter (or a click on it or on the heatmap)
+  // opens the run; its status and verdicts are the button's description.
+  const cards = grids.map((grid, k) => {
+    const canvas = heatmapFigure(grid, lo, hi, {cell: 10, labels: false, width: 300, height: 130});
+    const card = el('figure', {class: 'card', 'data-run': grid.run}, canvas,
+      el('figcaption', {},
+        el('button', {type: 'button', 'aria-describedby': `card-${k}-status card-${k}-verdicts`},
+          grid.run),
+        el('span', {class: 'run-status', id: `card-${k}-status`}),
+        verdictLine(grid.run, `card-${k}-verdicts`)));
+    const open = () => {
       state.run = grid.run;
       state.view = 'run';
       drawControls(Object.keys(state.runs).sort());
       update();
     };
+    card.querySelector('button').onclick = open;
+    canvas.addEventListener('click', open);
     return card;
   });
   const loading = sweep.complete ? '' : ` (${names.length - grids.length} more loading)`;
   main.replaceChildren(
     el('p', {class: 'what'}, `${names.length} runs${loading}, one colour scale; each: layers ` +
       '(input at the bottom) x logged steps; contours: beyond the verdict thresholds. ' +
-      'Click a run to open it.'),
+      'Click a run (or Tab to it, then Enter) to open it.'),
     colorbar(lo, hi, grids[0] ? grids[0].label : ''),
     el('div', {id: 'sweep', ...(sweep.complete ? {'data-complete': ''} : {})}, ...cards));
 }
 
-function verdictLine(run) {
+function verdictLine(run, id) {
   const text = state.runs[run].verdicts || '';
   const kinds = [...text.matchAll(/^\| ([a-z_]+) \|/gm)].map((m) => m[1]).filter((k) => k !== 'verdict');
-  return el('span', {class: 'verdicts'}, kinds.length ? [...new Set(kinds)].join(', ') : '');
+  return el('span', {class: 'verdicts', id}, kinds.length ? [...new Set(kinds)].join(', ') : '');
 }
 
 // --- helpers -------------------------------------------------------------------------
@@ -565,6 +707,21 @@ async function getJSON(url) {
 function fmt(v) {
   if (v === null || v === undefined) return '-';
   return Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4 ? v.toPrecision(3) : v.toExponential(2);
+}
+
+// A value as the event file holds it: the fewest digits that read back as the same
+// float32 (what gradexp logs; a double's own shortest form if it is not one).
+function exact(v) {
+  if (v === null || v === undefined) return '-';
+  let shortest = v;
+  if (Math.fround(v) === v) {
+    for (let digits = 1; digits <= 9; digits++) {
+      shortest = Number(v.toPrecision(digits));
+      if (Math.fround(shortest) === v) break;
+    }
+  }
+  const plain = v === 0 || (Math.abs(v) >= 1e-3 && Math.abs(v) < 1e4);
+  return plain ? String(shortest) : shortest.toExponential();
 }
 
 function tooltip() {
@@ -600,7 +757,16 @@ const STYLE = `
   h2 { font-size: 18px; margin: 6px 0; word-break: break-all; }
   h3 { font-size: 15px; margin: 14px 0 4px; }
   .what { color: #444; margin: 2px 0 6px; }
-  canvas:focus, button:focus, select:focus, input:focus { outline: 2px solid #d81b60; }
+  canvas:focus, button:focus, select:focus, input:focus, summary:focus {
+    outline: 2px solid #d81b60; outline-offset: 2px; }
+  .card:focus-within { border-color: #d81b60; box-shadow: 0 0 0 1px #d81b60; }
+  .card canvas { cursor: pointer; }
+  .readout { margin: 2px 0 6px; min-height: 1.4em; font-size: 13px; color: #222; }
+  #config { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: flex-start; font-size: 13px; }
+  .config-group summary { font-weight: 600; cursor: pointer; }
+  .config-group table { border-collapse: collapse; margin: 2px 0 0 14px; }
+  .config-group th { font-weight: normal; color: #444; text-align: left; padding: 0 10px 0 0; }
+  .config-group td { padding: 0; font-family: ui-monospace, monospace; word-break: break-all; }
   #tooltip { position: absolute; background: #fff; border: 1px solid #888; padding: 4px 6px;
     font-size: 13px; pointer-events: none; box-shadow: 0 1px 4px rgba(0,0,0,.2); }
   #sweep { display: flex; flex-wrap: wrap; gap: 10px; }
