@@ -560,3 +560,22 @@ def test_the_plugin_is_registered_for_tensorboard() -> None:
     assert plugin.plugin_name == "gradexp"
     static = Path(sys.modules[plugin.__module__].__file__).parent / "static" / "index.js"
     assert static.is_file()  # shipped as package data (pyproject's package-data)
+
+
+def test_the_readme_screenshots_script_draws_the_three_views(tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here (apt-get install -y chromium)")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "tab_screenshots.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "img"), "--logdir",
+         str(tmp_path / "runs"), "--steps", "20", "--lstm-steps", "20"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    for name, height in (("tab_sweep", 560), ("tab_vanishing", 1250), ("tab_recurrent", 1500)):
+        with Image.open(tmp_path / "img" / f"{name}.png") as im:
+            assert im.size == (1300, height)
+            assert len(im.convert("RGB").getcolors(1 << 20) or []) > 50  # not a blank page
