@@ -338,6 +338,17 @@ def open_tab(browser, url: str, shots: Path):
     return page, frame
 
 
+def open_run(browser, url: str, logdir: Path, run: str):
+    """The tab on one run: the page, its frame, the drawn heatmap, the run's event values
+    (tag -> step -> value) and its logged steps."""
+    page, frame = open_tab(browser, url, logdir)
+    frame.locator("#run").select_option(run)
+    heatmap = frame.locator("#heatmap")
+    heatmap.wait_for()
+    events = event_values(logdir / run)
+    return page, frame, heatmap, events, sorted(events["signal_bwd/00_hidden.0"])
+
+
 def test_the_sweep_view_lists_every_run(browser, tensorboard: str, tmp_path: Path) -> None:
     page, frame = open_tab(browser, tensorboard, tmp_path)
     frame.locator("#sweep[data-complete]").wait_for()
@@ -361,12 +372,7 @@ def test_a_run_heatmap_tooltip_and_profile(
     browser, tensorboard: str, logdir: Path, tmp_path: Path
 ) -> None:
     run = SWEEP_RUNS[0]
-    page, frame = open_tab(browser, tensorboard, tmp_path)
-    frame.locator("#run").select_option(run)
-    heatmap = frame.locator("#heatmap")
-    heatmap.wait_for()
-    events = event_values(logdir / run)
-    steps = sorted(events["signal_bwd/00_hidden.0"])
+    page, frame, heatmap, events, steps = open_run(browser, tensorboard, logdir, run)
     assert heatmap.get_attribute("data-rows") == "4"  # 3 hidden layers and the head
     assert heatmap.get_attribute("data-cols") == str(len(steps))
     # The bottom-left cell: the input layer at step 0; the tooltip shows its raw value.
@@ -409,12 +415,7 @@ def test_the_heatmap_reads_out_by_keyboard(
     browser, tensorboard: str, logdir: Path, tmp_path: Path
 ) -> None:
     run = SWEEP_RUNS[0]
-    page, frame = open_tab(browser, tensorboard, tmp_path)
-    frame.locator("#run").select_option(run)
-    heatmap = frame.locator("#heatmap")
-    heatmap.wait_for()
-    events = event_values(logdir / run)
-    steps = sorted(events["signal_bwd/00_hidden.0"])
+    page, frame, heatmap, events, steps = open_run(browser, tensorboard, logdir, run)
     layers = ["00_hidden.0", "01_hidden.1", "02_hidden.2", "03_head"]
     readout = frame.locator("#heatmap-readout")
     assert readout.get_attribute("role") == "status"

@@ -492,3 +492,271 @@ def test_a_key_a_run_did_not_set_shows_its_effective_value(tmp_path: Path) -> No
     assert "model.depth" not in columns
     assert report.setting(rows[0], "model.width") == "8"
     assert report.setting(rows[0], "model.hidden_size") is None  # an MLP has none
+
+
+# Results across seeds: a hand-built sweep, its groups computed by hand below.
+def _done(loss: float, acc: float, kinds: list[str], outcome: str) -> str:
+    """COMPLETED's summary.json with this loss/test, acc/test, verdicts and outcome."""
+    return json.dumps(
+        {
+            **COMPLETED,
+            "metrics": {**COMPLETED["metrics"], "loss/test": loss, "acc/test": acc},
+            "verdicts": [_verdict(kind) for kind in kinds],
+            "outcome": {**COMPLETED["outcome"], "kind": outcome},
+        }
+    )
+
+
+SEEDS: dict[str, tuple[list[str], str | None]] = {
+    "0_init=normal,seed=0": (
+        ["init=normal", "seed=0"],
+        _done(1.6, 0.5, ["vanishing", "dead_units", "vanishing"], "partly"),
+    ),
+    "1_init=normal,seed=1": (["init=normal", "seed=1"], _done(1.2, 0.7, ["vanishing"], "learned")),
+    "2_init=normal,seed=2": (
+        ["init=normal", "seed=2"],
+        _done(1.4, 0.6, ["vanishing", "dead_units"], "partly"),
+    ),
+    # no loss/test, no outcome: left out of the median of loss/test and of the counts
+    "3_init=normal,seed=3": (["init=normal", "seed=3"], json.dumps(DIVERGED)),
+    "4_init=normal,seed=4": (["init=normal", "seed=4"], _done(0.3, 0.9, ["vanishing"], "learned")),
+    "5_init=xavier_normal,seed=0": (
+        ["init=xavier_normal", "seed=0"],
+        _done(0.8, 0.8, ["healthy"], "learned"),
+    ),
+    "6_init=kaiming_normal,seed=0": (["init=kaiming_normal", "seed=0"], json.dumps(FAILED)),
+    "7_init=kaiming_normal,seed=1": (["init=kaiming_normal", "seed=1"], None),
+}
+
+
+@pytest.fixture
+def seeds(tmp_path: Path) -> Path:
+    """A sweep of init x seed, written as the outputs fixture writes runs: five seeds of
+    init=normal (one diverged), one of xavier_normal, two of kaiming_normal (one failed,
+    one killed)."""
+    sweep = tmp_path / "seeds"
+    for name, (overrides, summary) in SEEDS.items():
+        run = sweep / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        if summary is not None:
+            (run / "summary.json").write_text(summary)
+    return sweep
+
+
+def test_runs_that_differ_only_in_seed_are_one_row(seeds: Path) -> None:
+    rows = report.load_runs([seeds])
+    groups = report.group_runs(rows, "seed")
+    assert [(g.name, len(g.runs)) for g in groups] == [
+        ("init=normal,seed=*", 5),
+        ("5_init=xavier_normal,seed=0", 1),  # alone: named, and shown, as the run
+        ("init=kaiming_normal,seed=*", 2),
+    ]
+    columns = report.table_columns(rows, "seed")
+    assert columns[:4] == ["run", "init", "n", "status"] and "seed" not in columns
+    normal, xavier, kaiming = (report.group_values(g, columns) for g in groups)
+
+    # By hand: acc/test 0.5, 0.7, 0.6, 0.1 (diverged), 0.9 -> 0.1 0.5 [0.6] 0.7 0.9;
+    # loss/test 1.6, 1.2, 1.4, -, 0.3 -> 0.3 [1.2 1.4] 1.6: the median of 4, (1.2 + 1.4) / 2;
+    # steps 40, 40, 40, 3, 40.
+    assert normal["n"] == 5 and normal["init"] == "normal" and normal["run"] == groups[0].name
+    assert normal["acc/test"] == report.Spread(0.6, 0.1, 0.9, 5, 5)
+    loss = normal["loss/test"]
+    assert (loss.median, loss.low, loss.high, loss.count, loss.runs) == pytest.approx(
+        (1.3, 0.3, 1.6, 4, 5)
+    )
+    assert normal["steps"] == report.Spread(40, 3, 40, 5, 5)
+    assert str(normal["status"]) == "completed 4/5, diverged 1/5"
+    # Each kind once a run (seed 0 has two vanishing verdicts), most first.
+    assert str(normal["verdicts"]) == "vanishing 4/5, dead_units 2/5, diverged 1/5, exploding 1/5"
+    assert str(normal["outcome"]) == "partly 2/5, learned 2/5"  # the diverged run has none
+    # A group of one is its run, and n=1.
+    assert xavier == {**report.row_values(groups[1].runs[0], columns), "n": 1}
+    # Failed and killed: no numbers but the failed run's 0 steps; no verdicts, no outcome.
+    assert str(kaiming["status"]) == "failed 1/2, no summary 1/2"
+    assert kaiming["steps"] == report.Spread(0, 0, 0, 1, 2) and kaiming["acc/test"] is None
+    assert kaiming["verdicts"] is None and kaiming["outcome"] is None
+
+    # The table's cells: median (min-max), n=K when only K runs have the value.
+    cells = dict(zip(columns, report.markdown_table(groups, columns).splitlines()[2].split(" | ")))
+    assert cells["acc/test"] == "0.6 (0.1-0.9)"
+    assert cells["loss/test"] == "1.3 (0.3-1.6) n=4"
+    assert cells["steps"] == "40 (3-40)" and cells["loss/train"] == "1.5 (1.5-1e+09)"
+    assert cells["acc/train"] == "0.6 (0.1-0.6)"
+    kaiming_cells = report.markdown_table(groups, columns).splitlines()[4].split(" | ")
+    assert kaiming_cells[columns.index("steps")] == "0 n=1"  # one value: no range
+    assert kaiming_cells[columns.index("acc/test")] == "-"
+
+
+def test_grouped_table_on_the_command_line(seeds: Path, capsys) -> None:
+    assert report.main([str(seeds), "--sort", "acc/test", "--desc"]) == 0
+    out = capsys.readouterr().out
+    assert "8 run(s) in" in out and "3 group(s) over seed" in out
+    assert "completed 4/5, diverged 1/5" in out and "vanishing 4/5, dead_units 2/5" in out
+    # by the median, largest first: xavier's 0.8, normal's 0.6, kaiming's none last
+    order = [out.index(name) for name in ("5_init=xavier", "init=normal,seed=*", "kaiming")]
+    assert order == sorted(order)
+    # every run's note still, by its own name
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert [n.split(": ")[1] for n in notes] == [
+        "3_init=normal,seed=3",
+        "6_init=kaiming_normal,seed=0",
+        "7_init=kaiming_normal,seed=1",
+    ]
+
+
+def test_grouped_csv_has_median_min_max_and_n(seeds: Path, tmp_path: Path) -> None:
+    path = tmp_path / "seeds.csv"
+    assert report.main([str(seeds), "--csv", str(path)]) == 0
+    with path.open(newline="") as f:
+        header, *lines = list(csv.reader(f))
+    numbers = ["steps", *report.METRICS, *report.RATIOS]
+    spread = [h for c in numbers for h in (c, f"{c}_min", f"{c}_max", f"{c}_n")]
+    assert header == ["run", "init", "n", "status", *spread, "verdicts", "outcome"]
+    normal, xavier, kaiming = (dict(zip(header, line)) for line in lines)
+    assert normal["run"] == "init=normal,seed=*" and normal["n"] == "5"
+    acc = [float(normal[f"acc/test{s}"]) for s in ("", "_min", "_max")]
+    assert acc == [0.6, 0.1, 0.9] and normal["acc/test_n"] == "5"
+    assert float(normal["loss/test"]) == pytest.approx(1.3) and normal["loss/test_n"] == "4"
+    assert normal["status"] == "completed 4/5, diverged 1/5"
+    assert normal["outcome"] == "partly 2/5, learned 2/5"
+    # full precision: the diverged run's ratio, as row_values has it
+    diverged = report.row_values(report.load_run(seeds / "3_init=normal,seed=3"))
+    assert float(normal["grad/0_max"]) == diverged["grad/0"]
+    # A run alone: its values, a range of one, n=1; a missing value is empty, n=0.
+    assert xavier["status"] == "completed" and xavier["verdicts"] == "healthy"
+    assert xavier["acc/test"] == xavier["acc/test_min"] == xavier["acc/test_max"] == "0.8"
+    assert xavier["n"] == "1" and xavier["acc/test_n"] == "1"
+    assert kaiming["acc/test"] == kaiming["acc/test_min"] == "" and kaiming["acc/test_n"] == "0"
+
+
+def test_by_none_and_by_another_key(seeds: Path, outputs: Path, tmp_path: Path, capsys) -> None:
+    # --by none: a row per run, the table and CSV as without grouping.
+    rows = report.load_runs([seeds])
+    path = tmp_path / "none.csv"
+    assert report.main([str(seeds), "--by", "none", "--csv", str(path)]) == 0
+    assert "group" not in capsys.readouterr().out
+    expected = tmp_path / "expected.csv"
+    report.write_csv(expected, rows, report.table_columns(rows))
+    assert path.read_text() == expected.read_text()
+    assert report.table_columns(rows)[:4] == ["run", "init", "seed", "status"]
+
+    # --by init: the runs of one seed are a group, whatever their init.
+    groups = report.group_runs(rows, "init")
+    assert [(g.name, len(g.runs)) for g in groups] == [
+        ("seed=0,init=*", 3),
+        ("seed=1,init=*", 2),
+        ("2_init=normal,seed=2", 1),
+        ("3_init=normal,seed=3", 1),
+        ("4_init=normal,seed=4", 1),
+    ]
+    assert report.main([str(seeds), "--by", "init", "--markdown", str(tmp_path / "t.md")]) == 0
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert md[0].startswith("| run | seed | n | status |")
+    assert md[3].startswith("| seed=1,init=* | 1 | 2 | completed 1/2, no summary 1/2 |")
+
+    # Nothing pooled (every run its own settings): exactly today's table.
+    capsys.readouterr()
+    assert report.main([str(outputs)]) == 0
+    default = capsys.readouterr().out
+    assert report.main([str(outputs), "--by", "none"]) == 0
+    assert capsys.readouterr().out == default and "group" not in default
+
+
+def test_groups_share_a_folder_prefix(tmp_path: Path) -> None:
+    summary = _done(1.0, 0.5, [], "learned")
+    for sweep, init in (("a", "normal"), ("b", "xavier_normal")):
+        for seed in (0, 1):
+            run = tmp_path / "out" / sweep / f"{seed}_seed={seed}"
+            (run / ".hydra").mkdir(parents=True)
+            (run / ".hydra" / "overrides.yaml").write_text(f"- init={init}\n- seed={seed}\n")
+            (run / "summary.json").write_text(summary)
+    groups = report.group_runs(report.load_runs([tmp_path / "out"]), "seed")
+    assert [g.name for g in groups] == ["a/init=normal,seed=*", "b/init=xavier_normal,seed=*"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--by", "data.seed"],
+            "--by data.seed: no run has this key; choose from init, seed, none",
+        ),
+        (["--by", "init=normal"], "--by init=normal: no run has this key; choose from init,"),
+        (["--sort", "seed"], "--sort seed: the runs are grouped over seed, one row a group;"),
+        (["--by", "init", "--sort", "init"], "--sort init: the runs are grouped over init"),
+        (["--sort", "nope"], "--sort nope: unknown column; choose from run, init, n, status,"),
+    ],
+)
+def test_bad_grouping_is_one_line_and_exit_2(
+    seeds: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = run_cli(["report", str(seeds), *args], cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.startswith(f"gradexp: error: {message}"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+
+
+def test_png_has_one_panel_per_group_with_every_run(seeds: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = report.load_runs([seeds])
+    groups = report.group_runs(rows, "seed")
+    keys = [k for k in report.varying(rows) if k != "seed"]
+    fig = report.flow_grid_figure(groups, keys)
+    normal, xavier, kaiming = fig.axes[:3]
+    lines = len(report.FLOW_LINES) * len(report.FLOW_STEPS)
+    assert len(normal.get_lines()) == 5 * lines and len(xavier.get_lines()) == lines
+    title = normal.get_title()
+    assert title.splitlines()[:2] == ["init=normal", "n=5 over seed: completed 4/5, diverged 1/5"]
+    assert " ".join(title.splitlines()[2:]) == (
+        "vanishing 4/5, dead_units 2/5, diverged 1/5, exploding 1/5; partly 2/5, learned 2/5"
+    )
+    assert xavier.get_title() == report.panel_title(groups[1].runs[0], keys)
+    assert not kaiming.get_lines() and not kaiming.axison
+    assert kaiming.texts[0].get_text() == "no layers (failed 1/2, no summary 1/2)"
+    path = tmp_path / "groups.png"
+    report.flow_png(groups, keys, path)
+    assert _png_size(path) == (3 * round(report.PANEL_WIDTH * report.DPI), 400)
+
+
+def test_png_over_max_panels_groups_is_the_summary(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    # 100 runs: 40 settings of init x optim.lr x model.depth, 2 or 3 seeds each.
+    tree = _large_tree(tmp_path, 100, depths=(3, 4))
+    out = tmp_path / "flow.png"
+    proc = run_cli(["report", str(tree), "--png", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "100 run(s)" in proc.stdout and "40 group(s) over seed" in proc.stdout
+    told = [line for line in proc.stdout.splitlines() if line.startswith(str(out))]
+    assert len(told) == 1 and "40 groups of 100 runs" in told[0], told
+    assert "coloured by init" in told[0]
+    assert _png_size(out) == (1200, 900)
+
+
+def test_a_real_three_seed_sweep_is_one_row_of_medians(tmp_path: Path) -> None:
+    import statistics
+
+    sweep = tmp_path / "sweep"
+    trained = run_cli(
+        ["train", "-m", "seed=0,1,2", *TINY, f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
+    assert trained.returncode == 0, describe(trained)
+    csv_path = tmp_path / "seeds.csv"
+    proc = run_cli(["report", str(sweep), "--csv", str(csv_path)], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "3 run(s)" in proc.stdout and "1 group(s) over seed" in proc.stdout
+    assert "completed 3/3" in proc.stdout and "note:" not in proc.stdout
+    with csv_path.open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["run"] == "seed=*" and row["n"] == "3" and row["status"] == "completed 3/3"
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 3
+    for metric in report.METRICS:
+        values = [s["metrics"][metric] for s in summaries]
+        assert float(row[metric]) == statistics.median(values), metric
+        assert float(row[f"{metric}_min"]) == min(values) and row[f"{metric}_n"] == "3"
+    # a ratio too, from the layers summary.json has
+    bwd = [s["layers"][0]["signal_bwd"]["first"] / s["layers"][-1]["signal_bwd"]["first"]
+           for s in summaries]  # fmt: skip
+    assert float(row["bwd/0"]) == pytest.approx(statistics.median(bwd), rel=1e-12)

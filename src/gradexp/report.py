@@ -1,4 +1,5 @@
 """``gradexp report``: one table, and optionally one figure, comparing many finished runs.
+Runs that differ only in their seed (or the --by key) share a row: medians and counts.
 
 Reads only what the runs left on disk (summary.json, .hydra/overrides.yaml): no torch,
 and matplotlib only for ``--png``, so a report over a large sweep takes a moment. A run
@@ -14,6 +15,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import textwrap
 from collections import Counter
@@ -67,6 +69,17 @@ TIME_CAPTION = "; time: ||dL/dh|| at the first time step / at the last (recurren
 MIN_NAME_WIDTH = 12
 
 NUMERIC = ("steps", *METRICS, *RATIOS, *TIME_RATIOS)
+# --by: runs whose settings differ only in this key are repeats of one setting, a row
+# together; "none" gives every run its own row.
+DEFAULT_BY = "seed"
+NO_GROUPS = "none"
+# A grouped report's column of runs per group; its CSV adds, per number column, these.
+COUNT = "n"
+SPREAD_COLUMNS = ("min", "max", "n")
+GROUP_CAPTION = (
+    "; a group of runs: each number the median (min-max) over its runs, n=K when only"
+    " K of them have one"
+)
 # Keys a summary has beyond its status, except a failed run's (that stopped before training).
 EXPECTED_KEYS = ("steps", "metrics", "layers", "verdicts")
 
@@ -82,9 +95,10 @@ STATUS_STYLE = {
 # The --png grid: panels per row, inches per panel, the legend strip under the panels.
 PANELS_PER_ROW = 4
 PANEL_WIDTH, PANEL_HEIGHT, LEGEND_HEIGHT, DPI = 4.0, 3.5, 0.5, 100
-# Runs drawn a panel each at most (6 rows: 1600 x 2150 px). A panel costs ~0.1 s of
-# matplotlib layout and text, and the pixels grow with the panels: 200 runs took 20-50 s
-# and ~550 MB for a 1600 x 17550 px grid. More runs get one summary figure instead.
+# Table rows (runs, or groups of runs) drawn a panel each at most (6 rows of panels:
+# 1600 x 2150 px). A panel costs ~0.1 s of matplotlib layout and text, and the pixels grow
+# with the panels: 200 runs took 20-50 s and ~550 MB for a 1600 x 17550 px grid. More
+# get one summary figure instead.
 MAX_PANELS = 24
 # The summary figure, inches, whatever the number of runs: 2 x 2 panels (quantity x
 # step), a line per run in each.
@@ -99,6 +113,7 @@ FLOW_LINES = (("signal_bwd", "-", "backward signal"), ("grad_norm", "--", "‖�
 # Both quantities are drawn relative to the run's head (the last layer) at the same step:
 # dimensionless, so they share one log axis, and every panel shares it.
 RELATIVE_LABEL = "÷ the head's (log scale)"
+RELATIVE_DEPTH = "relative depth (first layer 0 → head 1)"
 FLOW_STEPS = (("first", 0.0, "step 0"), ("last", figures.CMAP_TOP, "last step"))
 
 
@@ -121,6 +136,30 @@ class RunRow:
     summary: dict[str, Any] | None
     status: str
     problem: str | None
+
+
+@dataclass
+class Group:
+    """Runs whose settings are equal but for one key (--by): one row of the report.
+
+    Attributes:
+        name: the group's overrides and ``<by>=*``, under the runs' common folder; a
+            group of one run has the run's name.
+        runs: the runs, in path order.
+        by: the pooled key.
+    """
+
+    name: str
+    runs: list[RunRow]
+    by: str
+
+
+# A row of the report: a run, or a group of runs (which shows as its run when alone).
+Row = RunRow | Group
+
+
+def _runs(row: Row) -> list[RunRow]:
+    return row.runs if isinstance(row, Group) else [row]
 
 
 def _is_run(filenames: list[str], dirnames: list[str]) -> bool:
@@ -324,13 +363,41 @@ def varying(rows: Sequence[RunRow]) -> list[str]:
     ]
 
 
-def table_columns(rows: Sequence[RunRow]) -> list[str]:
+def group_runs(rows: Sequence[RunRow], by: str) -> list[Group]:
+    """The runs in groups whose settings are equal but for ``by``: the same effective
+    value (see ``setting``) of every varying override except ``by``.
+
+    Returns:
+        The groups, in the order of their first run.
+    """
+    keys = [k for k in varying(rows) if k != by]
+    members: dict[tuple[str | None, ...], list[RunRow]] = {}
+    for row in rows:
+        members.setdefault(tuple(setting(row, k) for k in keys), []).append(row)
+    return [Group(_group_name(runs, keys, by), runs, by) for runs in members.values()]
+
+
+def _group_name(runs: list[RunRow], keys: Sequence[str], by: str) -> str:
+    """A group's name: ``init=normal,seed=*`` under its runs' common folder, if any."""
+    if len(runs) == 1:
+        return runs[0].name
+    shown = [f"{k}={v}" for k in keys if (v := setting(runs[0], k)) is not None]
+    # Common folders, compared whole: sweep/0_a and sweep/1_a share sweep, not sweep/.
+    folder = os.path.commonprefix([row.name.split("/")[:-1] for row in runs])
+    return "/".join([*folder, ",".join([*shown, f"{by}=*"])])
+
+
+def table_columns(rows: Sequence[RunRow], by: str | None = None) -> list[str]:
     """The report's columns: run, the varying overrides, status, steps, metrics, ratios,
-    the time ratios (when a run is recurrent), verdicts, outcome (learned or not)."""
+    the time ratios (when a run is recurrent), verdicts, outcome (learned or not).
+    Grouped by ``by`` (see group_runs): without that key, and with n (runs a group has)
+    before status."""
     recurrent = any(_field(row.summary, "time", 0) is not None for row in rows)
     time = list(TIME_RATIOS) if recurrent else []
+    keys = [k for k in varying(rows) if k != by]
+    count = [] if by is None else [COUNT]
     return [
-        "run", *varying(rows), "status", "steps", *METRICS, *RATIOS, *time, "verdicts", "outcome"
+        "run", *keys, *count, "status", "steps", *METRICS, *RATIOS, *time, "verdicts", "outcome"
     ]  # fmt: skip
 
 
@@ -389,9 +456,76 @@ def row_values(row: RunRow, keys: Sequence[str] | None = None) -> dict[str, Any]
     return values
 
 
+@dataclass(frozen=True)
+class Spread:
+    """A number column over a group's runs: the median, min and max of the values there
+    are (a diverged run has no loss/test), how many there are, of how many runs."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+    runs: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Spread | None:
+        present = [v for v in values if v is not None]
+        if not present:
+            return None
+        median = statistics.median(present)
+        return cls(median, min(present), max(present), len(present), len(values))
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A text column over a group's runs: how many runs have each value, most first."""
+
+    counts: tuple[tuple[str, int], ...]
+    runs: int
+
+    @classmethod
+    def of(cls, values: Iterable[str], runs: int) -> Counts | None:
+        # most_common keeps the order of first appearance among equal counts
+        counts = tuple(Counter(values).most_common())
+        return cls(counts, runs) if counts else None
+
+    def parts(self) -> list[tuple[str, str]]:
+        """(value, "value k/n") for each value."""
+        return [(value, f"{value} {k}/{self.runs}") for value, k in self.counts]
+
+    def __str__(self) -> str:
+        return ", ".join(text for _, text in self.parts())
+
+
+def group_values(group: Group, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every column's value for a group: its run's own (row_values) and n=1 when alone,
+    else the runs' shared overrides, the group's name, n, a Spread per number column, and
+    Counts of the statuses, verdict kinds (each counted once a run) and outcomes."""
+    runs = [row_values(row, keys) for row in group.runs]
+    if len(runs) == 1:
+        return {**runs[0], COUNT: 1}
+    values = {**runs[0], "run": group.name, COUNT: len(runs)}
+    values.pop(group.by, None)  # differs between the runs: not one value
+    values["status"] = Counts.of((r["status"] for r in runs), len(runs))
+    for column in NUMERIC:
+        values[column] = Spread.of([r[column] for r in runs])
+    kinds = (kind for row in group.runs for kind in verdict_kinds(row.summary))
+    values["verdicts"] = Counts.of(kinds, len(runs))
+    values["outcome"] = Counts.of((r["outcome"] for r in runs if r["outcome"]), len(runs))
+    return values
+
+
+def _values(row: Row, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    return group_values(row, keys) if isinstance(row, Group) else row_values(row, keys)
+
+
 def _sort_key(value: Any) -> tuple[int, float, str]:
     # Numbers by value, override values that read as numbers too (lr=0.01 < lr=0.1,
-    # model.depth=5 < model.depth=20), then text.
+    # model.depth=5 < model.depth=20), then text; a group's numbers by their median.
+    if isinstance(value, Spread):
+        return (0, value.median, "")
+    if isinstance(value, Counts):
+        return (1, 0.0, str(value))
     if isinstance(value, str):
         try:
             number = float(value)
@@ -401,17 +535,17 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
     return (0, value, "")
 
 
-def sort_rows(rows: Sequence[RunRow], key: str, descending: bool = False) -> list[RunRow]:
+def sort_rows(rows: Sequence[Row], key: str, descending: bool = False) -> list[Row]:
     """The rows sorted by one column; ties keep their order, missing values go last.
 
     Args:
-        rows: the runs.
+        rows: the runs, or groups of runs (sorted by their median, for a number).
         key: a column name (see table_columns).
         descending: largest first (missing values still last).
     """
     present, missing = [], []
     for row in rows:
-        value = row_values(row, [key]).get(key)
+        value = _values(row, [key]).get(key)
         (missing if value is None else present).append((value, row))
     present.sort(key=lambda pair: _sort_key(pair[0]), reverse=descending)
     return [row for _, row in present + missing]
@@ -420,10 +554,35 @@ def sort_rows(rows: Sequence[RunRow], key: str, descending: bool = False) -> lis
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, Spread):
+        return " ".join(filter(None, _spread_text(value)))
     return _fmt(value) if isinstance(value, float) else str(value)
 
 
+def _spread_text(value: Spread) -> tuple[str, str]:
+    """The median; "(min-max)" (none when they read the same) and "n=K" when only K of
+    the group's runs have a value."""
+    median, low, high = (_cell(v) for v in (value.median, value.low, value.high))
+    spread = [] if low == high else [f"({low}-{high})"]
+    if value.count < value.runs:
+        spread.append(f"n={value.count}")
+    return median, " ".join(spread)
+
+
+def _rich_counts(counts: Counts, styles: dict[str, str], default: str) -> Text:
+    return Text(", ").join(Text(text, style=styles.get(v, default)) for v, text in counts.parts())
+
+
 def _rich_cell(column: str, value: Any) -> Text:
+    if isinstance(value, Spread):
+        # The range under the median: the column only as wide as the range.
+        median, spread = _spread_text(value)
+        return Text("\n").join(
+            [Text(median), Text(spread, style="dim")] if spread else [Text(median)]
+        )
+    if isinstance(value, Counts) and column in ("status", "verdicts"):
+        style = STATUS_STYLE if column == "status" else VERDICT_STYLE
+        return _rich_counts(value, style, "" if column == "status" else "bold")
     if column == "status":
         return Text(_cell(value), style=STATUS_STYLE.get(value, ""))
     if column == "verdicts" and value is not None:
@@ -434,30 +593,36 @@ def _rich_cell(column: str, value: Any) -> Text:
     return Text(_cell(value))
 
 
+def _grouped(rows: Sequence[Row]) -> bool:
+    return any(isinstance(row, Group) for row in rows)
+
+
 def rich_table(
-    rows: Sequence[RunRow], columns: Sequence[str], title: str = "", width: int | None = None
+    rows: Sequence[Row], columns: Sequence[str], title: str = "", width: int | None = None
 ) -> Table:
-    """The report as a rich table, one row per run, numbers as in the per-layer table.
+    """The report as a rich table, one row per run or group, numbers as in the per-layer
+    table.
 
     Args:
-        rows: the runs, in the order to show.
+        rows: the runs, or groups of runs, in the order to show.
         columns: the columns (see table_columns); the first is the run's name.
         title: the table's title; none when empty.
         width: the width to fit in, if any: the run names are folded first (the
             override columns say what each run is), then every column shrinks.
     """
+    grouped = _grouped(rows)
     caption = CAPTION + (TIME_CAPTION if "time/0" in columns else "")
-    table = Table(title=title or None, caption=caption)
+    table = Table(title=title or None, caption=caption + (GROUP_CAPTION if grouped else ""))
     for column in columns:
         # Headers broken at "/" and "." ("acc/" over "test"): columns as narrow as
         # their values.
         header = column.replace("/", "/\n").replace(".", ".\n")
-        if column in NUMERIC:
+        if column in NUMERIC or column == COUNT:
             table.add_column(header, justify="right", no_wrap=True)
         else:
             table.add_column(header, overflow="fold")
     for row in rows:
-        values = row_values(row, columns)
+        values = _values(row, columns)
         table.add_row(*(_rich_cell(c, values.get(c)) for c in columns))
     if width is not None:
         excess = natural_width(table) - width
@@ -473,32 +638,52 @@ def natural_width(table: Table) -> int:
     return console.measure(table).maximum
 
 
-def write_csv(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> None:
+def _spread_cells(value: Any) -> list[Any]:
+    """A number column's CSV cells in a grouped report: median, min, max, values."""
+    if value is None:
+        return ["", "", "", 0]
+    if isinstance(value, Spread):
+        return [value.median, value.low, value.high, value.count]
+    return [value, value, value, 1]  # a group of one run
+
+
+def write_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> None:
     """The report as CSV: a header, one line per run, numbers at full precision, missing
-    values empty. Makes parent directories."""
+    values empty. Grouped (rows of Group), each number column ``c`` is four: ``c`` (the
+    median), ``c_min``, ``c_max`` and ``c_n`` (the runs with a value). Makes parent
+    directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spread = [c for c in columns if c in NUMERIC] if _grouped(rows) else []
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(columns)
+    header = []
+    for c in columns:
+        header += [c, *(f"{c}_{s}" for s in SPREAD_COLUMNS)] if c in spread else [c]
+    writer.writerow(header)
     for row in rows:
-        values = row_values(row, columns)
-        writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
+        values = _values(row, columns)
+        cells = []
+        for c in columns:
+            value = values.get(c)
+            cells += _spread_cells(value) if c in spread else ["" if value is None else value]
+        writer.writerow(cells)
     write_text_atomic(path, text.getvalue())  # a reader never sees half a table
 
 
-def markdown_table(rows: Sequence[RunRow], columns: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
     """The report as a Markdown table, numbers formatted as in the rich table."""
 
     def line(cells: Iterable[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    align = "|" + "".join("---:|" if c in NUMERIC else "---|" for c in columns)
-    body = [line(_cell(row_values(row, columns).get(c)) for c in columns) for row in rows]
+    numeric = (*NUMERIC, COUNT)
+    align = "|" + "".join("---:|" if c in numeric else "---|" for c in columns)
+    body = [line(_cell(_values(row, columns).get(c)) for c in columns) for row in rows]
     return "\n".join([line(columns), align, *body])
 
 
-def write_markdown(path: Path, rows: Sequence[RunRow], columns: Sequence[str]) -> None:
+def write_markdown(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> None:
     """markdown_table written to a file, making parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -517,6 +702,21 @@ def panel_title(row: RunRow, keys: Sequence[str]) -> str:
     return "\n".join([textwrap.fill(shown or row.name, TITLE_CHARS), outcome])
 
 
+def group_title(group: Group, keys: Sequence[str]) -> str:
+    """A group's --png panel title: its overrides (else its name); n and the status
+    counts; the verdict and outcome counts. A group of one run: the run's (panel_title)."""
+    if len(group.runs) == 1:
+        return panel_title(group.runs[0], keys)
+    values = group_values(group)
+    first = group.runs[0]
+    shown = " ".join(
+        f"{k}={v}" for k in keys if k != group.by and (v := setting(first, k)) is not None
+    )
+    counts = "; ".join(str(values[c]) for c in ("verdicts", "outcome") if values[c] is not None)
+    lines = [shown or group.name, f"n={values[COUNT]} over {group.by}: {values['status']}", counts]
+    return "\n".join(textwrap.fill(line, TITLE_CHARS) for line in lines if line)
+
+
 def grid_shape(panels: int) -> tuple[int, int]:
     """(rows, columns) of the --png grid for this many panels."""
     columns = min(max(panels, 1), PANELS_PER_ROW)
@@ -532,20 +732,32 @@ def _to_head(values: list[float | None]) -> list[float | None]:
     return [None if v is None else v / head for v in values]
 
 
-def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> None:
-    """One PNG with every run's gradient flow, a small panel per run, in the rows' order.
+def _layer_names(layers: list[Any]) -> list[str]:
+    return [str(_field(layer, "name") or i) for i, layer in enumerate(layers)]
 
-    Each panel: x = layer in depth order; y = the backward signal (solid) and the
-    parameter-gradient norm (dashed), each over the head's, at step 0 and at the last
-    logged step (summary.json's ``layers``), on one log axis shared by every panel. A run
-    without layers gets an empty panel saying so.
-    The PNG is PANEL_WIDTH x PANEL_HEIGHT inches a panel, PANELS_PER_ROW to a row, plus
-    LEGEND_HEIGHT, at DPI.
+
+def _relative_depth(n: int) -> list[float]:
+    # first layer 0, head 1: nets of different depths end together
+    return [i / (n - 1) if n > 1 else 1.0 for i in range(n)]
+
+
+def flow_grid_figure(rows: Sequence[Row], keys: Sequence[str]) -> Figure:
+    """Every run's gradient flow, a small panel per run (or group of runs, each of its
+    runs drawn in it), in the rows' order.
+
+    Each panel: x = layer in depth order (the relative depth for a group of nets of
+    different depths); y = the backward signal (solid) and the parameter-gradient norm
+    (dashed), each over the head's, at step 0 and at the last logged step (summary.json's
+    ``layers``), on one log axis shared by every panel. A run or group without layers gets
+    an empty panel saying so.
 
     Args:
-        rows: the runs.
+        rows: the runs, or groups of runs.
         keys: the override keys to title the panels with (see varying).
-        path: the PNG to write; parent directories are made.
+
+    Returns:
+        A matplotlib Figure on an Agg canvas: PANEL_WIDTH x PANEL_HEIGHT inches a panel,
+        PANELS_PER_ROW to a row, plus LEGEND_HEIGHT, at DPI.
 
     Raises:
         ImportError: matplotlib is missing or broken.
@@ -561,35 +773,48 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
     axes = fig.subplots(n_rows, n_cols, squeeze=False).flatten()
     cmap = colormaps["viridis"]
     for ax, row in zip(axes, rows):
-        ax.set_title(panel_title(row, keys), fontsize=8)
-        layers = _field(row.summary, "layers")
-        if not isinstance(layers, list) or not layers:
+        title = group_title(row, keys) if isinstance(row, Group) else panel_title(row, keys)
+        ax.set_title(title, fontsize=8)
+        drawn = []
+        for run in _runs(row):
+            layers = _field(run.summary, "layers")
+            if isinstance(layers, list) and layers:
+                drawn.append(layers)
+        if not drawn:
             ax.set_axis_off()
-            ax.text(0.5, 0.5, f"no layers ({row.status})", ha="center", va="center")
+            status = _values(row)["status"]
+            ax.text(0.5, 0.5, f"no layers ({status})", ha="center", va="center")
             continue
-        x = range(len(layers))
-        for quantity, style, label in FLOW_LINES:
-            for when, shade, step_label in FLOW_STEPS:
-                ys = _to_head([_number(_field(layer, quantity, when)) for layer in layers])
-                ax.plot(
-                    x,
-                    figures._positive(ys),
-                    style,
-                    color=cmap(shade),
-                    lw=1.3,
-                    marker=figures._marker(len(layers)),
-                    ms=2,
-                    label=f"{label}, {step_label}",
-                )
-        names = [str(_field(layer, "name") or i) for i, layer in enumerate(layers)]
-        figures._layer_ticks(ax, names)
+        names = {tuple(_layer_names(layers)) for layers in drawn}
+        for layers in drawn:
+            x = range(len(layers)) if len(names) == 1 else _relative_depth(len(layers))
+            for quantity, style, label in FLOW_LINES:
+                for when, shade, step_label in FLOW_STEPS:
+                    ys = _to_head([_number(_field(layer, quantity, when)) for layer in layers])
+                    ax.plot(
+                        x,
+                        figures._positive(ys),
+                        style,
+                        color=cmap(shade),
+                        lw=1.3,
+                        # a group's runs: where they agree, their lines read darker
+                        alpha=1.0 if len(drawn) == 1 else 0.6,
+                        marker=figures._marker(len(layers)),
+                        ms=2,
+                        label=f"{label}, {step_label}",
+                    )
+        if len(names) == 1:
+            figures._layer_ticks(ax, list(names.pop()))
+        else:
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_xlabel(RELATIVE_DEPTH)
         ax.xaxis.label.set_fontsize(7)
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
-    drawn = [ax for ax in axes[: len(rows)] if ax.get_lines()]
-    figures.finish_log_axes(drawn)  # one range: the panels compare
+    with_lines = [ax for ax in axes[: len(rows)] if ax.get_lines()]
+    figures.finish_log_axes(with_lines)  # one range: the panels compare
     for i, ax in enumerate(axes[: len(rows)]):
-        if ax in drawn and i % n_cols == 0:
+        if ax in with_lines and i % n_cols == 0:
             ax.set_ylabel(RELATIVE_LABEL, fontsize=8)
     for ax in axes[len(rows) :]:
         ax.remove()
@@ -599,7 +824,16 @@ def flow_grid_png(rows: Sequence[RunRow], keys: Sequence[str], path: Path) -> No
             handles.setdefault(line.get_label(), line)
     if handles:
         fig.legend(handles=list(handles.values()), loc="outside lower center", ncols=4, fontsize=8)
-    figures.save_png(fig, path)
+    return fig
+
+
+def flow_grid_png(rows: Sequence[Row], keys: Sequence[str], path: Path) -> None:
+    """flow_grid_figure written as a PNG, making parent directories.
+
+    Raises:
+        ImportError: matplotlib is missing or broken.
+    """
+    figures.save_png(flow_grid_figure(rows, keys), path)
 
 
 def color_key(keys: Sequence[str], sort: str | None = None) -> str | None:
@@ -653,7 +887,7 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
         layers = _field(row.summary, "layers")
         if isinstance(layers, list) and layers:
             drawn.append((row, layers))
-    names = [[str(_field(layer, "name") or i) for i, layer in enumerate(ls)] for _, ls in drawn]
+    names = [_layer_names(layers) for _, layers in drawn]
     same_layers = len({tuple(n) for n in names}) <= 1
 
     values = sorted({_color_value(row, color_by) for row, _ in drawn}, key=_value_order)
@@ -676,7 +910,7 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
             ax = grid[r][c]
             for row, layers in drawn:
                 n = len(layers)
-                x = range(n) if same_layers else [i / (n - 1) if n > 1 else 1.0 for i in range(n)]
+                x = range(n) if same_layers else _relative_depth(n)
                 ys = _to_head([_number(_field(layer, quantity, when)) for layer in layers])
                 ax.plot(
                     x,
@@ -693,7 +927,7 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
                 figures._layer_ticks(ax, names[0])
             else:
                 ax.set_xlim(-0.02, 1.02)
-                ax.set_xlabel("relative depth (first layer 0 → head 1)")
+                ax.set_xlabel(RELATIVE_DEPTH)
             if r < len(FLOW_LINES) - 1:
                 ax.tick_params(axis="x", labelbottom=False)
                 ax.set_xlabel("")
@@ -747,13 +981,14 @@ def flow_summary_figure(rows: Sequence[RunRow], color_by: str | None) -> Figure:
 
 
 def flow_png(
-    rows: Sequence[RunRow], keys: Sequence[str], path: Path, sort: str | None = None
+    rows: Sequence[Row], keys: Sequence[str], path: Path, sort: str | None = None
 ) -> str | None:
-    """``--png``: the grid (flow_grid_png) for up to MAX_PANELS runs, else the summary.
+    """``--png``: the grid (flow_grid_png) for up to MAX_PANELS rows, else the summary.
 
     Args:
-        rows: the runs, in the table's order.
-        keys: the varying override keys (see varying).
+        rows: the runs, or groups of runs, in the table's order.
+        keys: the varying override keys (see varying), a grouped report's without the
+            pooled key: the summary colours by one of them, the same for a group's runs.
         path: the PNG to write; parent directories are made.
         sort: the --sort key, if any: the summary colours by it when it is in ``keys``.
 
@@ -766,11 +1001,13 @@ def flow_png(
     if len(rows) <= MAX_PANELS:
         flow_grid_png(rows, keys, path)
         return None
+    runs = [run for row in rows for run in _runs(row)]
     by = color_key(keys, sort)
-    figures.save_png(flow_summary_figure(rows, by), path)
+    figures.save_png(flow_summary_figure(runs, by), path)
     how = "status" if by is None else f"{by} (--sort KEY colours by another override)"
+    what = f"{len(rows)} groups of {len(runs)} runs" if _grouped(rows) else f"{len(runs)} runs"
     return (
-        f"{path}: {len(rows)} runs, more than {MAX_PANELS}: one summary figure, a line per run"
+        f"{path}: {what}, more than {MAX_PANELS}: one summary figure, a line per run"
         f" coloured by {how}; each run's own figure is its {FIGURE_FILE}"
     )
 
@@ -778,10 +1015,10 @@ def flow_png(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradexp report",
-        description="Compare finished runs: one row per run, the overrides that differ"
-        " between them, status, steps, final loss and accuracy, the first-layer/head"
-        " ratios of gradient norm and backward signal at step 0 and at the last logged"
-        " step, and the verdicts.",
+        description="Compare finished runs: one row per run (runs that differ only in"
+        " their seed: one row, see --by), the overrides that differ between them, status,"
+        " steps, final loss and accuracy, the first-layer/head ratios of gradient norm and"
+        " backward signal at step 0 and at the last logged step, and the verdicts.",
     )
     parser.add_argument(
         "paths",
@@ -791,10 +1028,19 @@ def _parser() -> argparse.ArgumentParser:
         help="a run directory, a sweep (multirun) directory, or a whole outputs/ tree",
     )
     parser.add_argument(
+        "--by",
+        metavar="KEY",
+        help="one row for each group of runs whose settings differ only in this override"
+        " key: n, each number as the median (min-max) over the group's runs, status,"
+        f" verdicts and outcome as counts; {NO_GROUPS}: a row per run (default:"
+        f" {DEFAULT_BY})",
+    )
+    parser.add_argument(
         "--sort",
         metavar="KEY",
         help="sort by this column: any column name, e.g. acc/test, status, or an override"
-        " key such as init; numbers by value, missing values last (default: by path)",
+        " key such as init; numbers by value (a group's by its median), missing values"
+        " last (default: by path)",
     )
     parser.add_argument(
         "--desc", action="store_true", help="sort in descending order (missing values last)"
@@ -810,8 +1056,9 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="also draw every run's gradient flow (needs matplotlib): up to"
-        f" {MAX_PANELS} runs, one panel each, {PANELS_PER_ROW} to a row; more runs, one"
-        f" {SUMMARY_SIZE[0] * DPI:.0f} x {SUMMARY_SIZE[1] * DPI:.0f} px summary instead,"
+        f" {MAX_PANELS} rows, one panel each (a group's runs together), {PANELS_PER_ROW} to"
+        f" a row; more rows, one {SUMMARY_SIZE[0] * DPI:.0f} x {SUMMARY_SIZE[1] * DPI:.0f}"
+        " px summary instead,"
         " whatever their number: a line per run in each panel, coloured by the --sort key"
         " when it is an override that differs, else by the first such override (a line"
         " after the table says which)",
@@ -832,44 +1079,61 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0, or 2 for bad input (no runs, a missing path, an unknown
-        --sort key, a file that cannot be written), with one line on stderr.
+        --by or --sort key, a file that cannot be written), with one line on stderr.
     """
     args = _parser().parse_args(argv)
     try:
         rows = load_runs(args.paths)
     except ValueError as e:
         return _error(str(e))
-    columns = table_columns(rows)
+    by = DEFAULT_BY if args.by is None else args.by
+    if args.by not in (None, NO_GROUPS) and all(setting(row, by) is None for row in rows):
+        choices = ", ".join([*varying(rows), NO_GROUPS])
+        return _error(f"--by {by}: no run has this key; choose from {choices}")
+    groups = [] if by == NO_GROUPS else group_runs(rows, by)
+    # Nothing pooled: a row per run, as without --by.
+    pooled = any(len(group.runs) > 1 for group in groups)
+    shown: Sequence[Row] = groups if pooled else rows
+    columns = table_columns(rows, by if pooled else None)
     if args.sort is not None and args.sort not in columns:
+        if pooled and args.sort == by:
+            return _error(
+                f"--sort {by}: the runs are grouped over {by}, one row a group;"
+                f" --by {NO_GROUPS} shows a row per run"
+            )
         return _error(f"--sort {args.sort}: unknown column; choose from {', '.join(columns)}")
     if args.sort is not None or args.desc:
-        rows = sort_rows(rows, args.sort or "run", args.desc)
+        shown = sort_rows(shown, args.sort or "run", args.desc)
 
     root = common_root([row.path for row in rows])
     title = f"{len(rows)} run(s) in {root}"
+    if pooled:
+        title += f", {len(groups)} group(s) over {by}"
     console = Console()
     if console.is_terminal:
-        table = rich_table(rows, columns, title, width=console.width)
+        table = rich_table(shown, columns, title, width=console.width)
     else:  # a log or a pipe: the whole table, never folded
-        table = rich_table(rows, columns, title)
+        table = rich_table(shown, columns, title)
         console = Console(width=max(console.width, natural_width(table)))
     console.print(table)
-    for row in rows:
-        if row.problem:
-            console.print(Text(f"note: {row.name}: {row.problem}"))
+    for row in shown:
+        for run in _runs(row):
+            if run.problem:
+                console.print(Text(f"note: {run.name}: {run.problem}"))
 
     try:
         if args.csv:
-            write_csv(args.csv, rows, columns)
+            write_csv(args.csv, shown, columns)
         if args.markdown:
-            write_markdown(args.markdown, rows, columns)
+            write_markdown(args.markdown, shown, columns)
     except OSError as e:
         return _error(f"cannot write {e.filename}: {e.strerror}")
     if args.png:
+        keys = [k for k in varying(rows) if not pooled or k != by]
         # Found is not enough: a broken install is found and fails to import.
         missing = figures.missing_dependency()
         try:
-            if not missing and (told := flow_png(rows, varying(rows), args.png, args.sort)):
+            if not missing and (told := flow_png(shown, keys, args.png, args.sort)):
                 print(told)
         except ImportError:
             missing = figures.MISSING
