@@ -60,6 +60,9 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # process) competing for 2 cores with spinning OpenMP threads run ~10x slower.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("HYDRA_FULL_ERROR", None)  # would turn one-line errors into tracebacks
+    # This interpreter's scripts first: Hydra's completion script finds `gradexp` on PATH,
+    # also when the suite runs from a virtualenv that is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env
 
