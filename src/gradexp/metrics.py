@@ -38,15 +38,23 @@ if TYPE_CHECKING:
 
 class MetricLogger(Protocol):
     """Where a run's numbers go. ``hparams``: the run's HParams columns (``hparams_of``,
-    status, verdicts) and the metrics it reports (``Tags.metric_tags``)."""
+    status, verdicts) and the metrics it reports (``Tags.metric_tags``). A logger may also
+    have ``data(tag, value, step)``, the gradexp tab's JSON (see TensorBoardLogger.data);
+    one written before it existed works without it (``log_data``)."""
 
     def scalars(self, values: dict[str, float], step: int) -> None: ...
     def histogram(self, tag: str, hist: dict[str, Any], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
-    def data(self, tag: str, value: Any, step: int) -> None: ...
     def image(self, tag: str, image: Any, step: int) -> None: ...
     def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
     def close(self) -> None: ...
+
+
+def log_data(logger: MetricLogger, tag: str, value: Any, step: int) -> None:
+    """``logger.data(tag, value, step)`` when the logger has it (a custom logger written
+    before it existed has not: the run goes on without the tab's data)."""
+    if (data := getattr(logger, "data", None)) is not None:
+        data(tag, value, step)
 
 
 class NullLogger:

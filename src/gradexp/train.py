@@ -41,6 +41,7 @@ from gradexp.metrics import (
     TensorBoardLogger,
     hparams_metrics,
     hparams_of,
+    log_data,
     run_hparams,
     theory_markdown,
     verdict_markdown,
@@ -263,7 +264,7 @@ class Trainer:
         )
         if not self.resumed:
             # The composed config, for the gradexp tab ({"model.depth": 20, ...}).
-            self.logger.data(CONFIG_DATA, flat(cfg), 0)
+            log_data(self.logger, CONFIG_DATA, flat(cfg), 0)
             for note in self.notes:
                 self.logger.text("run/notes", note, 0)
         self.figure_missing: str | None = None
@@ -629,7 +630,7 @@ class Trainer:
             verdicts = verdict_markdown(result["verdicts"], result.get("outcome"))
             self.logger.text("run/verdicts", verdicts, result["steps"])
             self.logger.text("run/summary", summary_markdown(result), result["steps"])
-            self.logger.data(SUMMARY_DATA, result, result["steps"])  # the gradexp tab's
+            log_data(self.logger, SUMMARY_DATA, result, result["steps"])  # the gradexp tab's
             try:
                 fig = self.figure(judged=result["verdicts"])
                 if fig is not None:
