@@ -28,10 +28,15 @@ def table_commands(table: str) -> list[str]:
     """The `gradexp train ...` commands of a README table: tutorial or time."""
     readme = (REPO / "README.md").read_text()
     if table == "tutorial":
+        # The tutorial's section only (other tables show commands too), each command once
+        # (its table across seeds repeats them).
+        readme = readme[
+            readme.index("## Tutorial") : readme.index("\n## ", readme.index("## Tutorial") + 1)
+        ]
         pattern = r"^\| `(gradexp train[^`]*)` \|"
     else:
         pattern = r"^\| [^|`]+ \| `(gradexp train[^`]*)` \|"
-    return re.findall(pattern, readme, re.MULTILINE)
+    return list(dict.fromkeys(re.findall(pattern, readme, re.MULTILINE)))
 
 
 def run(command: str, path: str, seed: int, extra: list[str]) -> dict:

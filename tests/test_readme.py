@@ -278,3 +278,13 @@ def test_every_link_in_the_readme_reaches_its_target():
         else:
             path = REPO_ROOT / target.split("#")[0]
             assert path.exists(), f"README links to a missing file: {target}"
+
+
+def test_kernel_paths_reads_each_tables_commands_once():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import kernel_paths
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    assert kernel_paths.table_commands("tutorial") == [row[0] for row in tutorial_rows()]
+    assert kernel_paths.table_commands("time") == [row[0] for row in time_rows()]
