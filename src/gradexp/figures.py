@@ -271,12 +271,14 @@ def _heatmap_panel(
         ax.text(0.5, 0.5, NO_VALUES, transform=ax.transAxes, ha="center", va="center")
     from matplotlib.patches import Rectangle
 
+    def nearest(step: int) -> int:  # the column of the logged step nearest ``step``
+        return min(range(len(steps)), key=lambda j: abs(steps[j] - step))
+
     marked = [v for v in verdicts if v.get("layer") in layers and v.get("step") is not None]
     for v in marked:
         row = layers.index(v["layer"])
         until = (v.get("evidence") or {}).get("until", v["step"])
-        left = x[min(range(len(steps)), key=lambda j: abs(steps[j] - v["step"]))]
-        right = x[1 + min(range(len(steps)), key=lambda j: abs(steps[j] - until))]
+        left, right = x[nearest(v["step"])], x[1 + nearest(until)]
         for color, width, style in (("white", 3.0, "-"), ("black", 1.2, "--")):
             box = Rectangle((left, row - 0.5), right - left, 1.0, fill=False, ec=color, lw=width)
             box.set_linestyle(style)
