@@ -580,3 +580,26 @@ def test_the_readme_screenshots_script_draws_the_three_views(tmp_path: Path) -> 
         with Image.open(tmp_path / "img" / f"{name}.png") as im:
             assert im.size == (1300, height)
             assert len(im.convert("RGB").getcolors(1 << 20) or []) > 50  # not a blank page
+
+
+def test_a_runs_own_thresholds_draw_its_contours(browser, tensorboard: str, tmp_path: Path) -> None:
+    magenta = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4)
+        if (d[i] === 0xd8 && d[i + 1] === 0x1b && d[i + 2] === 0x60) n++; return n; }"""
+    counts = {}
+    for ratio in (0.999, 1e-30):
+        page, frame = open_tab(browser, tensorboard, tmp_path)
+
+        def own(route, value: float = ratio) -> None:  # trained with diagnose.vanishing_ratio
+            body = route.fetch().json()
+            config = {**body["config"], "diagnose.vanishing_ratio": value}
+            route.fulfill(json={**body, "config": config})
+
+        page.route("**/data/plugin/gradexp/summary?*", lambda route, _request: own(route))
+        frame.locator("#run").select_option(SWEEP_RUNS[0])
+        frame.locator("#heatmap").wait_for()
+        assert f"below {ratio:g} of the head" in frame.locator(".what").text_content()
+        counts[ratio] = frame.locator("#heatmap").evaluate(magenta)
+        page.close()
+    # Every layer under the head is below 0.999 of it somewhere; nothing below 1e-30.
+    assert counts[0.999] > 0 and counts[1e-30] == 0, counts

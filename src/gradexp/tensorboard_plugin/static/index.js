@@ -12,9 +12,16 @@ const CIVIDIS = [
   [0, 34, 78], [26, 56, 111], [67, 78, 108], [97, 101, 111], [125, 124, 120],
   [155, 148, 118], [188, 174, 108], [222, 201, 88], [254, 232, 56],
 ];
-// The verdicts' default thresholds (diagnose.vanishing_ratio, exploding_ratio).
+// The verdicts' default thresholds (diagnose.vanishing_ratio, exploding_ratio): a run's
+// own, from its config, where the view has it (one run); these for the sweep's cards.
 const VANISHING = 1e-2;
 const EXPLODING = 1e2;
+
+function thresholds(grid) {
+  const config = grid.config || {};
+  return [config['diagnose.vanishing_ratio'] ?? VANISHING,
+    config['diagnose.exploding_ratio'] ?? EXPLODING];
+}
 const CELL_MAX = 14; // px per heatmap cell at most
 const LABEL_WIDTH = 130; // px for the layer names left of a heatmap
 const FIRST_SCREEN = 16; // sweep cards fetched and drawn first
@@ -180,8 +187,9 @@ function describe(grid) {
   const parts = [`${grid.label}: ${grid.layers.length} layers (input at the bottom) x ` +
     `${grid.steps.length} logged steps (${grid.steps[0]}-${grid.steps[grid.steps.length - 1]})`];
   if (grid.relative) {
-    parts.push(`contours: below ${VANISHING} of the head (vanishing, magenta) or above ` +
-      `${EXPLODING} (exploding, black)`);
+    const [vanishing, exploding] = thresholds(grid);
+    parts.push(`contours: below ${vanishing} of the head (vanishing, magenta) or above ` +
+      `${exploding} (exploding, black)`);
   }
   return parts.join('; ');
 }
@@ -403,10 +411,11 @@ function drawCursor(canvas) {
 function outline(ctx, grid, left, cw, ch) {
   const rows = grid.layers.length;
   const cols = grid.steps.length;
+  const [vanishing, exploding] = thresholds(grid);
   const kind = (i, j) => {
     if (i < 0 || i >= rows - 1 || j < 0 || j >= cols) return 0; // the head is 1 by construction
     const v = grid.values[i][j];
-    return v === null ? 0 : v < VANISHING ? 1 : v > EXPLODING ? 2 : 0;
+    return v === null ? 0 : v < vanishing ? 1 : v > exploding ? 2 : 0;
   };
   ctx.lineWidth = 2;
   for (const [k, stroke] of [[1, '#d81b60'], [2, '#000000']]) {
