@@ -275,6 +275,13 @@ def test_weights_grown_from_a_tiny_init_are_not_a_blow_up():
     big = [record(r.step, HEALTHY, loss=2.3, weights=[10.0, 10.0, 10.0, 20.0 * g])
            for r, g in zip(records, growth)]  # fmt: skip
     assert kinds(judge(LAYERS, big, CFG, sizes=[100] * 4)) == ["exploding"]
+    # Beside a small head that grows more, the layer named is the one that blew up.
+    both = [
+        record(r.step, HEALTHY, loss=2.3, weights=[10.0, 20.0 * g, 10.0, 0.01 * g**1.5])
+        for r, g in zip(records, growth)
+    ]
+    (v,) = judge(LAYERS, both, CFG, sizes=[100] * 4)
+    assert (v["kind"], v["layer"]) == ("exploding", "hidden.1")
 
 
 def test_a_nonfinite_run_is_not_judged_twice():

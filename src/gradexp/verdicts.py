@@ -270,20 +270,24 @@ def _blowup(
         return None
     by_step = {r.step: r.layer("weight_norm", len(layers)) for r in records}
 
-    def blown(step: int, row: list[float]) -> float | None:
+    def blown(step: int, row: list[float]) -> tuple[float, str] | None:
+        """The most grown layer of those past any init's scale (entry RMS > 1)."""
         norms = by_step[step]
         rms = [n / math.sqrt(k) if _finite(n) and k else math.nan for n, k in zip(norms, sizes)]
-        over = [g for g, r in zip(row, rms) if _finite(g) and _finite(r) and r > 1]
+        over = [
+            (g, name) for g, r, name in zip(row, rms, layers) if _finite(g) and _finite(r) and r > 1
+        ]
         return max(over, default=None)
 
-    largest = [(step, blown(step, row)) for step, row in growth]
+    blowups = {step: blown(step, row) for step, row in growth}
+    largest = [(step, b[0] if b else None) for step, b in blowups.items()]
     found = sustained(largest, lambda v: v > cfg.weight_growth, cfg.sustain)
     if found is None:
         return None
-    at = grown(found["step"])
+    _, layer = blowups[found["step"]]  # type: ignore[misc]
     return {
         "kind": "exploding",
-        "layer": at[1] if at else None,
+        "layer": layer,
         "step": found["step"],
         "evidence": {
             "axis": "weights",
