@@ -292,9 +292,9 @@ class ActivationProbe:
             saturated = _saturated(module)
             if _is_gate(module):  # counted apart: saturated share only
                 assert saturated is not None
-                for out in outs:
-                    gate_sat[i] += saturated(out)
-                    gate_count[i] += out.numel()
+                gates = torch.stack(outs)  # every gate of every time step: one count
+                gate_sat[i] += saturated(gates)
+                gate_count[i] += gates.numel()
                 continue
             alive = None
             # One stack for all calls of the same shape: a recurrent layer's time steps.
