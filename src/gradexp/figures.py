@@ -167,17 +167,9 @@ def _layer_ticks(ax: Axes, layers: Sequence[str], axis: str = "x") -> None:
     ax.set_xlabel("layer (input → output)")
 
 
-def _theory_line(ax: Axes, values: Sequence[float | None], scale: float = 1.0) -> None:
-    ys = [y * scale for y in _positive(values)]
+def _theory_line(ax: Axes, values: Sequence[float | None]) -> None:
+    ys = _positive(values)
     ax.plot(range(len(ys)), ys, "k--", lw=1.2, label=THEORY_LABEL, zorder=3)
-
-
-def _head_scale(theory: Sequence[float | None], measured: Sequence[float | None]) -> float | None:
-    """The factor that puts relative theory's head (last point) on the measured head's."""
-    last, head = _positive([theory[-1], measured[-1]])
-    if math.isnan(last) or math.isnan(head):
-        return None
-    return head / last
 
 
 def _check_lengths(name: str, values: Sequence[float | None], layers: int) -> None:
