@@ -49,6 +49,7 @@ def test_the_claim_helpers():
     assert judge([False, False]) == "not reproduced"
     assert spread([3.0, 1.0, 2.0]) == "2 (1-3)"
     assert spread([1.0, None], missing="never") == "1, 1/2 never"
+    assert spread([-0.5, -0.25, 1.0]) == "-0.25 (-0.5 to 1)"
     with pytest.raises(ValueError, match="verdict 'maybe'"):
         Result("maybe", "", "")
 
@@ -90,14 +91,33 @@ def test_the_overview_is_current():
     assert (DOCS / "reproductions.md").read_text() == reproduce.overview(DOCS)
 
 
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1500,
+    )
+
+
 @pytest.mark.slow
 def test_the_shortened_mode_end_to_end(tmp_path: Path):
+    """--only one preset writes its page and its row, the others say "not run yet"; then
+    the whole run (every job of every preset, cut short) writes every page and row."""
     docs = tmp_path / "docs"
-    shutil.copytree(DOCS / "experiments", docs / "experiments", ignore=shutil.ignore_patterns("results"))
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--short", "--docs", str(docs), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, check=False, timeout=1500,
-    )  # fmt: skip
+    shutil.copytree(
+        DOCS / "experiments", docs / "experiments", ignore=shutil.ignore_patterns("results")
+    )
+    short = ["--short", "--docs", str(docs), "--out", str(tmp_path / "out")]
+    first = reproduce.PRESETS[0]
+    proc = run_script(*short, "--only", first)
+    assert proc.returncode == 0, describe(proc)
+    rows = (docs / "reproductions.md").read_text().splitlines()
+    assert sum("not run yet" in row for row in rows) == len(reproduce.PRESETS) - 1
+    assert "(shortened)" in next(row for row in rows if f"[{first}]" in row)
+
+    proc = run_script(*short)
     assert proc.returncode == 0, describe(proc)
     overview = (docs / "reproductions.md").read_text()
     for preset in reproduce.PRESETS:

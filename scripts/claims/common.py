@@ -120,7 +120,9 @@ def spread(values: Sequence[float | None], unit: str = "", missing: str = "-") -
     med = statistics.median(present)
     text = f"{fmt(med)}{unit}"
     if len(present) > 1:
-        text += f" ({fmt(min(present))}-{fmt(max(present))})"
+        low, high = min(present), max(present)
+        dash = " to " if low < 0 else "-"  # -0.002 to -5e-05, not -0.002--5e-05
+        text += f" ({fmt(low)}{dash}{fmt(high)})"
     if len(present) < len(values):
         text += f", {len(values) - len(present)}/{len(values)} {missing}"
     return text
