@@ -16,9 +16,19 @@ import math
 import statistics
 from pathlib import Path
 
-from claims.common import Result, judge, markdown_table, metric, scalars, spread
-from claims.init_depth import PLATEAU, WINDOW, _classes, _steps, _width_key, leave_step
-from gradexp.report import RunRow, setting
+from claims.common import (
+    Result,
+    by_keys,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
+from claims.init_depth import PLATEAU, WINDOW, _classes, _steps, leave_step
+from gradexp.report import RunRow
 
 PRESET = "batchnorm"
 PAPER = (
@@ -51,12 +61,8 @@ def _label(norm: str, batch: str) -> str:
 
 
 def _figure(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     styles = {
@@ -83,22 +89,11 @@ def _figure(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None
     ax.set_ylabel("loss/test (eval mode)")
     ax.set_title("20-layer sigmoid MLP, N(0, 1) weights (one line per seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "batchnorm_test_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "batchnorm_test_loss.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:
-    arms: dict[tuple[str, str], list[RunRow]] = {}
-    for run in runs:
-        key = (str(setting(run, "norm")), str(setting(run, "trainer.batch_size")))
-        arms.setdefault(key, []).append(run)
-    arms = dict(
-        sorted(arms.items(), key=lambda kv: (kv[0][0] != "none", kv[0][0], _width_key(kv[0][1])))
-    )
+    arms = by_keys(runs, ("norm", "trainer.batch_size"), order=["none"])
     budget = max((_steps(r) for r in runs), default=0)
     rows = []
     for (norm, batch), arm in arms.items():

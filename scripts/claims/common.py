@@ -89,13 +89,63 @@ def metric(run: RunRow, key: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def group(runs: Iterable[RunRow], key: str) -> dict[str, list[RunRow]]:
+def natural(value: str) -> tuple[bool, int, str]:
+    """Sort key: numbers by size, before any other value (by name)."""
+    return (not value.isdigit(), int(value) if value.isdigit() else 0, value)
+
+
+def _rank(value: str, order: Sequence[str]) -> tuple[int, tuple[bool, int, str]]:
+    return (order.index(value) if value in order else len(order), natural(value))
+
+
+def group(
+    runs: Iterable[RunRow], key: str, order: Sequence[str] | None = None
+) -> dict[str, list[RunRow]]:
     """The runs by their value of ``key`` (an override, or the composed default), in the
-    order the values first appear."""
+    order the values first appear; with ``order``, the values it lists first, in that
+    order, then the others (numbers by size, then by name)."""
     groups: dict[str, list[RunRow]] = {}
     for run in runs:
         groups.setdefault(str(setting(run, key)), []).append(run)
-    return groups
+    if order is None:
+        return groups
+    return dict(sorted(groups.items(), key=lambda kv: _rank(kv[0], order)))
+
+
+def by_keys(
+    runs: Iterable[RunRow], keys: Sequence[str], order: Sequence[str] = ()
+) -> dict[tuple[str, ...], list[RunRow]]:
+    """The runs by their values of several keys (an arm: one value of each), sorted key by
+    key: the values ``order`` lists first, in that order, then the others (numbers by
+    size, then by name)."""
+    found: dict[tuple[str, ...], list[RunRow]] = {}
+    for run in runs:
+        found.setdefault(tuple(str(setting(run, k)) for k in keys), []).append(run)
+    return dict(sorted(found.items(), key=lambda kv: tuple(_rank(v, order) for v in kv[0])))
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files, no display); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save(fig: Any, out: Path, name: str, dpi: int = 110) -> Path:
+    """Lays the figure out, writes it to ``out/name`` (PNG) and closes it; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def first_step(points: Sequence[tuple[int, float]], test: Callable[[float], bool]) -> int | None:

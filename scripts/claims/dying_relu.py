@@ -15,7 +15,18 @@ import math
 import statistics
 from pathlib import Path
 
-from claims.common import Result, _events, group, judge, markdown_table, metric, scalars, spread
+from claims.common import (
+    Result,
+    _events,
+    group,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
 from gradexp.report import RunRow
 
 PRESET = "dying_relu"
@@ -78,12 +89,8 @@ def blew_up(run: RunRow) -> bool:
 
 
 def _figure(by_act: dict[str, list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     colors = dict(zip(by_act, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -102,22 +109,11 @@ def _figure(by_act: dict[str, list[RunRow]], out: Path) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("dead units, mean over the hidden layers (one line per seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "dying_relu_dead.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "dying_relu_dead.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:
-    order = ["relu", "leaky_relu", "rrelu", "prelu", "elu"]
-    by_act = dict(
-        sorted(
-            group(runs, "activation").items(),
-            key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]),
-        )
-    )
+    by_act = group(runs, "activation", order=["relu", "leaky_relu", "rrelu", "prelu", "elu"])
     rows = []
     parts: list[bool] = []
     notes: list[str] = []

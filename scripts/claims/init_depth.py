@@ -14,10 +14,13 @@ from pathlib import Path
 
 from claims.common import (
     Result,
-    group,
+    by_keys,
     judge,
     markdown_table,
     metric,
+    natural,
+    pyplot,
+    save,
     scalars,
     spread,
 )
@@ -91,92 +94,29 @@ def _plateau_cell(runs: list[RunRow]) -> str:
     return text
 
 
-def _width_key(width: str) -> tuple[bool, int, str]:
-    return (not width.isdigit(), int(width) if width.isdigit() else 0, width)
-
-
-def _figure(by_arm: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    widths = sorted(
-        {w for _, w in by_arm}, key=lambda w: (not w.isdigit(), int(w) if w.isdigit() else 0)
-    )
-    fig, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 3.6), squeeze=False)
-    colors = {HE: "tab:red", XAVIER: "tab:blue"}
-    for ax, width in zip(axes[0], widths):
-        bar = None
-        for (init, w), runs in by_arm.items():
-            if w != width:
-                continue
-            for i, run in enumerate(runs):
-                pts = [(s, v) for s, v in scalars(run, "loss/train") if math.isfinite(v)]
-                if not pts:
-                    continue
-                bar = PLATEAU * math.log(_classes(run))
-                ax.plot(
-                    *zip(*pts),
-                    color=colors.get(init, "tab:gray"),
-                    lw=1,
-                    alpha=0.8,
-                    label=init if i == 0 else None,
-                )
-        if bar is not None:
-            ax.axhline(bar, color="k", ls="--", lw=0.8, label=f"{PLATEAU} ln C")
-            ax.set_ylim(0, bar / PLATEAU * 1.2)  # a spike above it is cut off
-        ax.set_title(f"30-layer ReLU MLP, width {width} (one line per seed)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss/train (one batch)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if not any(ax.lines for ax in axes[0]):
-        plt.close(fig)
-        return None
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "init_depth_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def evaluate(runs: list[RunRow], out: Path) -> Result:
-    by_arm: dict[tuple[str, str], list[RunRow]] = {}
-    for init, of_init in group(runs, "init").items():
-        for width, of_width in group(of_init, "model.width").items():
-            by_arm[(init, width)] = of_width
-    order = [XAVIER, HE]
-    by_arm = dict(
-        sorted(
-            by_arm.items(),
-            key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 2, kv[0][0],
-                            _width_key(kv[0][1])),
-        )
-    )  # fmt: skip
-    rows = []
-    for (init, width), arm in by_arm.items():
-        acc = [metric(r, "acc/test") for r in arm]
-        final = [final_train_loss(r) for r in arm]
-        rows.append(
-            [
-                init,
-                width,
-                str(len(arm)),
-                _plateau_cell(arm),
-                spread(final),
-                spread(acc),
-                spread([bwd_ratio_at_init(r) for r in arm]),
-                ", ".join(sorted({r.status for r in arm})),
-            ]
-        )
-    table = markdown_table(
+def plateau_table(
+    arms: dict[tuple[str, str], list[RunRow]],
+    header: tuple[str, str],
+    labels: dict[str, str] | None = None,
+) -> str:
+    """The results table: one row per arm, named by its two keys (``header``; the first
+    key's value shown as ``labels`` names it)."""
+    rows = [
         [
-            "init",
-            "width",
+            (labels or {}).get(first, first),
+            second,
+            str(len(arm)),
+            _plateau_cell(arm),
+            spread([final_train_loss(r) for r in arm]),
+            spread([metric(r, "acc/test") for r in arm]),
+            spread([bwd_ratio_at_init(r) for r in arm]),
+            ", ".join(sorted({r.status for r in arm})),
+        ]
+        for (first, second), arm in arms.items()
+    ]
+    return markdown_table(
+        [
+            *header,
             "seeds",
             f"steps to loss/train < {PLATEAU} ln C (mean of {WINDOW} logged)",
             f"final loss/train (last {TAIL} logged)",
@@ -187,7 +127,60 @@ def evaluate(runs: list[RunRow], out: Path) -> Result:
         rows,
     )
 
-    widths = sorted({w for _, w in by_arm}, key=_width_key)
+
+def plateau_figure(
+    arms: dict[tuple[str, str], list[RunRow]],
+    out: Path,
+    name: str,
+    *,
+    title: str,
+    colors: dict[str, str],
+    labels: dict[str, str] | None = None,
+    alpha: float | None = None,
+) -> Path | None:
+    """Each run's loss/train against the step with the PLATEAU x ln C line, one panel per
+    arm's second key (``title`` formatted with it), one color per its first key."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    panels = sorted({p for _, p in arms}, key=natural)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        bar = None
+        for (line, p), runs in arms.items():
+            if p != panel:
+                continue
+            for i, run in enumerate(runs):
+                pts = [(s, v) for s, v in scalars(run, "loss/train") if math.isfinite(v)]
+                if not pts:
+                    continue
+                bar = PLATEAU * math.log(_classes(run))
+                ax.plot(
+                    *zip(*pts),
+                    color=colors.get(line, "tab:gray"),
+                    lw=1,
+                    alpha=alpha,
+                    label=(labels or {}).get(line, line) if i == 0 else None,
+                )
+        if bar is not None:
+            ax.axhline(bar, color="k", ls="--", lw=0.8, label=f"{PLATEAU} ln C")
+            ax.set_ylim(0, bar / PLATEAU * 1.2)  # a spike above it is cut off
+        ax.set_title(title.format(panel))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss/train (one batch)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not any(ax.lines for ax in axes[0]):
+        plt.close(fig)
+        return None
+    return save(fig, out, name)
+
+
+def evaluate(runs: list[RunRow], out: Path) -> Result:
+    by_arm = by_keys(runs, ("init", "model.width"), order=[XAVIER, HE])
+    table = plateau_table(by_arm, ("init", "width"))
+
+    widths = sorted({w for _, w in by_arm}, key=natural)
     parts: list[bool] = []
     names: list[str] = []
     notes: list[str] = []
@@ -224,5 +217,13 @@ def evaluate(runs: list[RunRow], out: Path) -> Result:
         "Criteria: He's init leaves the plateau on every seed, and Xavier's on none, at each "
         f"width. Held: {', '.join(held) or 'none'}. Did not hold: {', '.join(failed) or 'none'}."
     )
-    figures = [p for p in [_figure(by_arm, out)] if p is not None]
+    figure = plateau_figure(
+        by_arm,
+        out,
+        "init_depth_loss.png",
+        title="30-layer ReLU MLP, width {} (one line per seed)",
+        colors={HE: "tab:red", XAVIER: "tab:blue"},
+        alpha=0.8,
+    )
+    figures = [figure] if figure is not None else []
     return Result(verdict=verdict, result=result, why=why, table=table, figures=figures)

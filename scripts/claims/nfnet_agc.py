@@ -18,7 +18,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from claims.common import Result, group, judge, markdown_table, metric, scalars, spread
+from claims.common import (
+    Result,
+    group,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
 from gradexp.report import RunRow
 
 PRESET = "nfnet_agc"
@@ -122,12 +132,8 @@ def _most(flags: list[bool]) -> bool:
 
 
 def _figure(arms: dict[str, list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = {UNCLIPPED: "tab:red", AGC: "tab:blue", BN: "tab:gray"}
@@ -166,23 +172,11 @@ def _figure(arms: dict[str, list[RunRow]], out: Path) -> Path | None:
     ax_acc.set_title("test accuracy (one line per seed)", fontsize=10)
     ax_acc.legend(fontsize=8, loc="lower right")
     ax_loss.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "nfnet_agc_training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "nfnet_agc_training.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:
-    found = group(runs, "arm")
-    order = [UNCLIPPED, AGC, BN]
-    arms = {
-        a: found[a]
-        for a in sorted(
-            found, key=lambda a: (a not in order, order.index(a) if a in order else 0, a)
-        )
-    }
+    arms = group(runs, "arm", order=[UNCLIPPED, AGC, BN])
     rows = []
     for arm, arm_runs in arms.items():
         flags = [unstable(r) for r in arm_runs]

@@ -30,6 +30,8 @@ from claims.common import (
     judge,
     markdown_table,
     metric,
+    pyplot,
+    save,
     scalars,
     spread,
 )
@@ -112,12 +114,8 @@ def _majority(runs: list[RunRow], test) -> bool:
 
 
 def _figure(by_arm: dict[str, list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = dict(zip(by_arm, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -145,12 +143,7 @@ def _figure(by_arm: dict[str, list[RunRow]], out: Path) -> Path | None:
     ax.set_ylabel("test MSE")
     ax.set_title("adding problem: test loss, median and min-max over seeds (dashed: Adam)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "rnn_adding_test_loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "rnn_adding_test_loss.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:

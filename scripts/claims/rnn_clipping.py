@@ -24,7 +24,17 @@ import math
 import statistics
 from pathlib import Path
 
-from claims.common import Result, group, judge, markdown_table, metric, scalars, spread
+from claims.common import (
+    Result,
+    group,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
 from gradexp.report import RunRow, setting
 
 PRESET = "rnn_clipping"
@@ -127,12 +137,8 @@ def _steps_text(steps: list[int | None]) -> str:
 
 
 def _figure(by_clip: dict[str, list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     arms = list(by_clip)
     if not arms:
@@ -173,21 +179,11 @@ def _figure(by_clip: dict[str, list[RunRow]], out: Path) -> Path | None:
         "tanh RNN, radius 1.5, adding T=50: every step (x: went non-finite; dashed: 1/6)",
         fontsize=9,
     )
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "rnn_clipping_spikes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "rnn_clipping_spikes.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:
-    by_clip = dict(
-        sorted(
-            group(runs, "clip").items(),
-            key=lambda kv: (ARMS.index(kv[0]) if kv[0] in ARMS else len(ARMS), kv[0]),
-        )
-    )
+    by_clip = group(runs, "clip", order=ARMS)
     by_seed = {clip: {str(setting(r, "seed")): r for r in arm} for clip, arm in by_clip.items()}
     rows = []
     for clip, arm in by_clip.items():

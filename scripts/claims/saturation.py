@@ -31,7 +31,17 @@ import statistics
 from pathlib import Path
 
 from claims import common
-from claims.common import Result, group, judge, markdown_table, metric, scalars, spread
+from claims.common import (
+    Result,
+    by_keys,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
 from gradexp.report import RunRow
 
 PRESET = "saturation"
@@ -172,12 +182,8 @@ def _arm_label(activation: str, init: str) -> str:
 def _figure_means(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None:
     """Their Figure 2: each hidden layer's mean activation against the step (the seeds'
     median, bars: the median std), one panel per arm, each seed a thin line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     keys = list(arms)
     if not keys:
@@ -235,12 +241,7 @@ def _figure_means(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path 
         "each seed thin; dotted: the top-layer bar, dashed: the early window",
         fontsize=9,
     )
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "saturation_activations.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "saturation_activations.png")
 
 
 def _figure_tanh(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None:
@@ -249,12 +250,8 @@ def _figure_tanh(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path |
     keys = [k for k in arms if k[0] == "tanh"]
     if not keys:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -281,24 +278,12 @@ def _figure_tanh(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path |
         ax.set_xlabel("training step")
         ax.set_ylabel("sat_frac (one line per seed)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "saturation_tanh.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "saturation_tanh.png")
 
 
 def _arms(runs: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
     """The runs by (activation, init): sigmoid before tanh, the standard init first."""
-    arms: dict[tuple[str, str], list[RunRow]] = {}
-    for activation, of_act in group(runs, "activation").items():
-        for init, of_init in group(of_act, "init").items():
-            arms[(activation, init)] = of_init
-    order = {"sigmoid": 0, "tanh": 1, STANDARD: 0, NORMALIZED: 1}
-    return dict(
-        sorted(arms.items(), key=lambda kv: (order.get(kv[0][0], 2), order.get(kv[0][1], 2)))
-    )
+    return by_keys(runs, ("activation", "init"), order=["sigmoid", "tanh", STANDARD, NORMALIZED])
 
 
 def _per_layer(values: list[list[float | None]], missing: str = "-") -> list[str]:

@@ -20,7 +20,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from claims.common import Result, group, judge, markdown_table, metric, scalars, spread
+from claims.common import (
+    Result,
+    group,
+    judge,
+    markdown_table,
+    metric,
+    pyplot,
+    save,
+    scalars,
+    spread,
+)
 from gradexp.report import RunRow, setting
 
 PRESET = "truncated_bptt"
@@ -66,12 +76,8 @@ def prediction(k: int, symbols: int, length: int, delay: int) -> float:
 
 
 def _figure(by_k: dict[int, list[RunRow]], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -105,17 +111,12 @@ def _figure(by_k: dict[int, list[RunRow]], out: Path) -> Path | None:
         "copy task, LSTM + Adam: one line per seed (dotted: the chunk prediction)", fontsize=9
     )
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "truncated_bptt_accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out, "truncated_bptt_accuracy.png")
 
 
 def evaluate(runs: list[RunRow], out: Path) -> Result:
-    by_k = {int(k): arm for k, arm in group(runs, "trainer.tbptt").items() if k.isdigit()}
-    by_k = dict(sorted(by_k.items(), key=lambda kv: (kv[0] != 0, kv[0])))
+    found = group(runs, "trainer.tbptt", order=["0"])  # full BPTT, then k by size
+    by_k = {int(k): arm for k, arm in found.items() if k.isdigit()}
     rows = []
     parts: list[bool] = []
     notes: list[str] = []
