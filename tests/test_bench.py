@@ -4,6 +4,7 @@ measured by hand on a quiet machine, never asserted)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,17 @@ def test_recurrent_benchmark_times_both_paths():
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"rnn", "irnn", "lstm", "gru"}, proc.stdout
     assert all(row.rstrip().endswith("x") for row in rows.values())
+
+
+def test_hessian_free_benchmark_times_a_product_per_family():
+    script = REPO_ROOT / "scripts" / "bench_hessian_free.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--repeats", "1", "--batch", "4"],
+        capture_output=True, text=True, env=cli_env(), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"mlp", "cnn", "resnet", "rnn", "lstm"}, proc.stdout
+    for row in rows.values():  # a ratio for each, the LSTM on its unrolled cell
+        assert re.search(r" \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)( unrolled)?$", row), row
+    assert rows["lstm"].endswith("unrolled")
