@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from claims.common import VERDICTS, Result  # noqa: E402
+from claims.common import VERDICTS, Result, natural  # noqa: E402
 from gradexp.cli import CONFIG_DIR  # noqa: E402
 from gradexp.report import load_runs, setting  # noqa: E402
 
@@ -96,7 +96,7 @@ def run_sweep(preset: str, sweep: Path, jobs: int, extra: list[str], log: Path) 
 
 def seeds_of(runs: list[Any]) -> list[str]:
     found = {str(setting(run, "seed")) for run in runs}
-    return sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    return sorted(found, key=natural)
 
 
 def page_block(record: dict[str, Any], page: Path) -> str:

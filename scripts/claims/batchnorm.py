@@ -75,7 +75,7 @@ def _figure(arms: dict[tuple[str, str], list[RunRow]], out: Path) -> Path | None
     for (norm, batch), runs in arms.items():
         color, ls = styles.get((norm, batch), ("k", "--"))
         for i, run in enumerate(runs):
-            pts = [(s, v) for s, v in scalars(run, "loss/test") if math.isfinite(v)]
+            pts = scalars(run, "loss/test", finite=True)
             if pts:
                 bar = PLATEAU * math.log(_classes(run))
                 ax.plot(*zip(*pts), color=color, ls=ls, lw=1.2, marker=".",

@@ -72,15 +72,16 @@ def _events(path: Path) -> Any:
     return acc
 
 
-def scalars(run: RunRow, tag: str) -> list[tuple[int, float]]:
+def scalars(run: RunRow, tag: str, finite: bool = False) -> list[tuple[int, float]]:
     """A scalar tag's (step, value) pairs from the run's event files, in step order (a
-    resumed run's files are read together; a repeated step keeps its last value)."""
+    resumed run's files are read together; a repeated step keeps its last value);
+    ``finite``: only the finite values."""
     points: dict[int, float] = {}
     for events in sorted(run.path.glob("events.out.tfevents.*")):
         acc = _events(events)
         if tag in acc.Tags()["scalars"]:
             points.update((e.step, e.value) for e in acc.Scalars(tag))
-    return sorted(points.items())
+    return sorted((s, v) for s, v in points.items() if not finite or math.isfinite(v))
 
 
 def metric(run: RunRow, key: str) -> float | None:

@@ -151,7 +151,7 @@ def plateau_figure(
             if p != panel:
                 continue
             for i, run in enumerate(runs):
-                pts = [(s, v) for s, v in scalars(run, "loss/train") if math.isfinite(v)]
+                pts = scalars(run, "loss/train", finite=True)
                 if not pts:
                     continue
                 bar = PLATEAU * math.log(_classes(run))

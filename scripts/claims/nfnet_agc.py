@@ -15,7 +15,6 @@ AGC trains on most seeds. The BatchNorm ResNet's row is shown, not judged.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from claims.common import (
@@ -61,13 +60,9 @@ LABELS = {
 }
 
 
-def _finite(values: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    return [(s, v) for s, v in values if math.isfinite(v)]
-
-
 def peak_loss_ratio(run: RunRow) -> float | None:
     """The highest logged training loss after step 0 over max(step-0 loss, baseline)."""
-    losses = _finite(scalars(run, "loss/train"))
+    losses = scalars(run, "loss/train", finite=True)
     if len(losses) < 2:
         return None
     baseline = metric(run, "loss/baseline")
@@ -105,7 +100,7 @@ def trains(run: RunRow) -> bool:
 
 
 def peak_of(run: RunRow, tag: str) -> float | None:
-    values = [v for _, v in _finite(scalars(run, tag))]
+    values = [v for _, v in scalars(run, tag, finite=True)]
     return max(values) if values else None
 
 
@@ -142,7 +137,7 @@ def _figure(arms: dict[str, list[RunRow]], out: Path) -> Path | None:
         color = colors.get(arm)
         for i, run in enumerate(runs):
             label = LABELS.get(arm, arm) if i == 0 else None
-            losses = _finite(scalars(run, "loss/train"))
+            losses = scalars(run, "loss/train", finite=True)
             if losses:
                 drawn = True
                 wide = arm == UNCLIPPED  # two or three logged points: drawn on top
@@ -155,7 +150,7 @@ def _figure(arms: dict[str, list[RunRow]], out: Path) -> Path | None:
                     step = nonfinite_step(run)
                     if step is not None:
                         ax_loss.axvline(step, color=color, ls=":", lw=1)
-            accs = _finite(scalars(run, "acc/test"))
+            accs = scalars(run, "acc/test", finite=True)
             if accs:
                 ax_acc.plot(*zip(*accs), "o-", color=color, lw=1, ms=3, label=label)
     if not drawn:

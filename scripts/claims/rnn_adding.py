@@ -18,7 +18,6 @@ while under SGD it does not; it is reported beside the verdict, not in it.
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def dead_for_good(run: RunRow) -> float | None:
 
 
 def test_curve(run: RunRow) -> list[tuple[int, float]]:
-    return [(s, v) for s, v in scalars(run, "loss/test") if math.isfinite(v)]
+    return scalars(run, "loss/test", finite=True)
 
 
 def steps_to_long_range(run: RunRow) -> float | None:

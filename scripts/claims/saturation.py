@@ -86,10 +86,7 @@ def _layer_tags(run: RunRow, quantity: str) -> list[str]:
 
 def layer_series(run: RunRow, quantity: str) -> list[list[tuple[int, float]]]:
     """Per hidden layer (first first), the finite (step, value) points of ``quantity``."""
-    return [
-        [(s, v) for s, v in scalars(run, tag) if math.isfinite(v)]
-        for tag in _layer_tags(run, quantity)
-    ]
+    return [scalars(run, tag, finite=True) for tag in _layer_tags(run, quantity)]
 
 
 def _end(points: list[tuple[int, float]]) -> float | None:

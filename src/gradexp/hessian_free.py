@@ -249,8 +249,8 @@ class HessianFree(torch.optim.Optimizer):
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                  for p in params]  # fmt: skip
         g = flat(grads)
-        theta0 = flat([p.detach() for p in params]).clone()
-        at = tuple(p.detach().clone() for p in params)
+        at = tuple(p.detach().clone() for p in params)  # the point G is taken at
+        theta0 = flat(at)
         lam = group["damping"]
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
