@@ -15,6 +15,8 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 from gradexp.hessian_free import (
+    Curvature,
+    GaussNewton,
     HessianFree,
     backtrack_iterations,
     conjugate_gradient,
@@ -214,8 +216,10 @@ def least_squares(seed: int = 9):
     x, y = torch.randn(20, 4), torch.randn(20, 1)
     names = [n for n, _ in model.named_parameters()]
 
-    def curvature(*p: torch.Tensor) -> torch.Tensor:
+    def fn(*p: torch.Tensor) -> torch.Tensor:
         return functional_call(model, dict(zip(names, p)), (x,))
+
+    curvature = Curvature(fn, "mse")
 
     def closure() -> torch.Tensor:
         with torch.enable_grad():
@@ -229,9 +233,17 @@ def least_squares(seed: int = 9):
     return model, closure, curvature, best
 
 
+def least_squares_data(seed: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """least_squares' inputs (with a column of ones for the bias) and targets."""
+    torch.manual_seed(seed)
+    nn.Linear(4, 1)  # drawn first there
+    x, y = torch.randn(20, 4), torch.randn(20, 1)
+    return torch.cat([x, torch.ones(20, 1)], dim=1), y
+
+
 def test_one_hf_step_solves_linear_least_squares():
     model, closure, curvature, best = least_squares()
-    opt = HessianFree(model.parameters(), loss="mse", damping=1e-10, cg_max_iters=50)
+    opt = HessianFree(model.parameters(), damping=1e-10, cg_max_iters=50)
     opt.step(closure, curvature)
     torch.testing.assert_close(flat(list(model.parameters())).detach(), best, rtol=1e-6, atol=1e-8)
     s = opt.last
@@ -255,7 +267,7 @@ def test_damping_grows_when_the_model_overpromises():
             penalty.backward()  # accumulates onto the error's gradient
         return loss + penalty.detach()
 
-    opt = HessianFree(model.parameters(), loss="mse", damping=1e-3)
+    opt = HessianFree(model.parameters(), damping=1e-3)
     before = float(steep())
     opt.step(steep, curvature)
     s = opt.last
@@ -274,7 +286,7 @@ def test_a_diverging_proposal_is_rejected_and_damping_grows():
         moved = any(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
         return loss + (math.inf if moved else 0.0)
 
-    opt = HessianFree(model.parameters(), loss="mse", damping=1.0)
+    opt = HessianFree(model.parameters(), damping=1.0)
     for _ in range(2):
         opt.step(blows_up, curvature)
         assert (opt.last.chosen_iter, opt.last.rate) == (0, 0.0)
@@ -285,12 +297,12 @@ def test_a_diverging_proposal_is_rejected_and_damping_grows():
 
 def test_hf_state_is_saved_and_restored():
     model, closure, curvature, _ = least_squares()
-    opt = HessianFree(model.parameters(), loss="mse", damping=0.5, cg_max_iters=2)
+    opt = HessianFree(model.parameters(), damping=0.5, cg_max_iters=2)
     opt.step(closure, curvature)
     state = opt.state_dict()
     twin, closure2, curvature2, _ = least_squares()
     twin.load_state_dict(model.state_dict())
-    opt2 = HessianFree(twin.parameters(), loss="mse", damping=99.0, cg_max_iters=2)
+    opt2 = HessianFree(twin.parameters(), damping=99.0, cg_max_iters=2)
     opt2.load_state_dict(state)
     assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
     opt.step(closure, curvature)
@@ -306,10 +318,111 @@ def test_hf_state_is_saved_and_restored():
         ({"damping": -1.0}, "damping -1.0: must be > 0"),
         ({"cg_max_iters": 0}, "cg_max_iters 0: must be >= 1"),
         ({"cg_decay": 1.5}, "cg_decay 1.5: must be >= 0 and <= 1"),
-        ({"loss": "hinge"}, "loss 'hinge': choose from cross_entropy, mse"),
+        ({"lr": 0.0}, "lr 0.0: must be > 0"),
+        ({"structural_damping": -0.1}, "structural_damping -0.1: must be >= 0"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
-    settings = {"loss": "mse", **kwargs}
     with pytest.raises(ValueError, match=message):
-        HessianFree(nn.Linear(2, 1).parameters(), **settings)
+        HessianFree(nn.Linear(2, 1).parameters(), **kwargs)
+    with pytest.raises(ValueError, match="loss 'hinge': choose from cross_entropy, mse"):
+        GaussNewton(lambda w: w, (torch.ones(2),), "hinge")
+
+
+# --- structural damping, preconditioning, weight decay, the line search's start ----------
+
+
+class StatesRNN(TinyRNN):
+    """TinyRNN that also returns its hidden states, as structural damping reads them."""
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        h, _ = self.rnn(x)
+        return self.head(h[:, -1]), (h,)
+
+
+def test_structural_damping_term_equals_its_explicit_form():
+    """(G + mu S) v with S = J_h^T J_h / B, J_h the Jacobian of every hidden state (all
+    time steps and units of the B sequences) with respect to the parameters."""
+    torch.manual_seed(3)
+    model = StatesRNN()
+    x, y = torch.randn(5, 6, 2), torch.randn(5, 1)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def fn(*p: torch.Tensor):
+        return functional_call(model, dict(zip(names, p)), (x,))
+
+    def states_of_theta(theta: torch.Tensor) -> torch.Tensor:
+        return fn(*unflat(theta, params))[1][0].reshape(-1)
+
+    v = torch.randn(flat(params).numel())
+    mu = 0.3
+    product = GaussNewton(fn, params, "mse", mu)
+    got = flat(product(unflat(v, params)))
+    J_h = jacobian(states_of_theta, flat(params))
+    structural = J_h.T @ (J_h @ v) / 5
+    outputs = TinyRNN()
+    outputs.load_state_dict(model.state_dict())
+    g = explicit_gn(outputs, x, lambda o: F.mse_loss(o.reshape(5, 1), y), v)
+    torch.testing.assert_close(got, g + mu * structural, rtol=1e-10, atol=1e-12)
+    # the graph of the step's point serves every product: a second one is the same
+    torch.testing.assert_close(flat(product(unflat(v, params))), got, rtol=0, atol=0)
+    assert product.products == 2
+
+
+def test_preconditioned_cg_solves_and_helps_a_badly_scaled_system():
+    """A system whose scales differ by 1e6 along the axes: CG with the diagonal as its
+    preconditioner solves it in far fewer iterations, to the same solution."""
+    torch.manual_seed(4)
+    scales = torch.logspace(0, 6, 60)
+    A = torch.diag(scales) @ (random_spd(60, 3.0, seed=5)) @ torch.diag(scales)
+    A = (A + A.T) / 2
+    b = torch.randn(60)
+    want = torch.linalg.solve(A, b)
+    plain = conjugate_gradient(lambda v: A @ v, b, torch.zeros(60), 2000, tol=1e-12)
+    pre = conjugate_gradient(lambda v: A @ v, b, torch.zeros(60), 2000, tol=1e-12,
+                             precond=torch.diagonal(A).clone())  # fmt: skip
+    torch.testing.assert_close(pre.x, want, rtol=1e-6, atol=0)
+    assert pre.iterations < plain.iterations / 3, (pre.iterations, plain.iterations)
+
+
+def test_weight_decay_reaches_the_ridge_solution():
+    """With weight_decay w the objective is the MSE plus w/2 ||theta||^2: one step with
+    enough CG iterations and tiny damping lands on the ridge regression solution."""
+    model, closure, curvature, _ = least_squares()
+    X, y = least_squares_data()
+    w = 0.7
+    # gradient of mean((X t - y)^2) + w/2 |t|^2 = 2 X^T (X t - y) / 20 + w t = 0
+    ridge = torch.linalg.solve(2 * X.T @ X / 20 + w * torch.eye(5), 2 * X.T @ y / 20)
+    opt = HessianFree(model.parameters(), damping=1e-10, cg_max_iters=50, weight_decay=w)
+    opt.step(closure, curvature)
+    torch.testing.assert_close(flat(list(model.parameters())).detach(), ridge.reshape(-1))
+    assert opt.last.rho == pytest.approx(1.0, abs=1e-6)
+
+
+def test_lr_is_the_line_search_start():
+    """lr=0.5 on a quadratic: the Armijo test holds at once, the step is half Newton's."""
+    model, closure, curvature, best = least_squares()
+    start = flat(list(model.parameters())).detach().clone()
+    opt = HessianFree(model.parameters(), lr=0.5, damping=1e-10, cg_max_iters=50)
+    opt.step(closure, curvature)
+    assert opt.last.rate == 0.5
+    torch.testing.assert_close(
+        flat(list(model.parameters())).detach(), start + 0.5 * (best - start)
+    )
+
+
+def test_preconditioned_step_reaches_the_same_solution():
+    model, closure, curvature, best = least_squares()
+    X, y = least_squares_data()
+
+    def sq_grads() -> torch.Tensor:  # per-example gradients of the mean loss's terms
+        theta = flat(list(model.parameters())).detach()
+        per_example = 2 * (X @ theta - y.reshape(-1))[:, None] * X
+        return per_example.square().mean(0)
+
+    opt = HessianFree(model.parameters(), damping=1e-10, cg_max_iters=50, precondition=True)
+    opt.step(closure, Curvature(curvature.fn, "mse", sq_grads))
+    torch.testing.assert_close(flat(list(model.parameters())).detach(), best, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="needs the curvature's sq_grads"):
+        opt.step(closure, curvature)

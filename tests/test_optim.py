@@ -13,6 +13,7 @@ from conftest import composed
 from gradexp.cli import CONFIG_DIR
 from gradexp.config import AdamConfig, SGDConfig
 from gradexp.errors import ConfigError
+from gradexp.hessian_free import HessianFree, model_curvature
 from gradexp.optim import OPTIMIZERS, create_optimizer, momentum_buffers
 
 
@@ -65,18 +66,33 @@ def test_every_optimizer_builds_from_its_option_and_steps(name):
     cfg = composed(f"optim={name}").optim
     model = net()
     opt = create_optimizer(cfg, model.parameters())
-    kind = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}[name]
-    assert type(opt).__name__ == kind
+    kinds = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
+             "hessian_free": "HessianFree"}  # fmt: skip
+    assert type(opt).__name__ == kinds[name]
     (group,) = opt.param_groups
     assert group["lr"] == cfg.lr and group["weight_decay"] == cfg.weight_decay
     before = [p.detach().clone() for p in model.parameters()]
-    model(torch.randn(4, 5)).square().mean().backward()
-    opt.step()
+    x = torch.randn(4, 5)
+    if isinstance(opt, HessianFree):  # a closure, and the network for its curvature
+        params = list(model.parameters())
+
+        def closure() -> torch.Tensor:
+            loss = model(x).square().mean()
+            if torch.is_grad_enabled():
+                opt.zero_grad()
+                loss.backward()
+            return loss.detach()
+
+        opt.step(closure, model_curvature(model, params, x, classes=None))
+    else:
+        model(x).square().mean().backward()
+        opt.step()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_an_unknown_optimizer_names_the_choices():
     with pytest.raises(
-        ConfigError, match="optim=lbfgs: unknown; choose from adam, adamw, rmsprop, sgd"
+        ConfigError,
+        match="optim=lbfgs: unknown; choose from adam, adamw, hessian_free, rmsprop, sgd",
     ):
         create_optimizer(SGDConfig(name="lbfgs"), net().parameters())

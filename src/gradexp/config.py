@@ -593,6 +593,31 @@ class AdamConfig(OptimConfig):
 
 
 @dataclass
+class HessianFreeConfig(OptimConfig):
+    """Hessian-free optimization (Martens 2010) with Levenberg-Marquardt damping, and
+    structural damping for recurrent nets (Martens & Sutskever 2011): see
+    gradexp.hessian_free.HessianFree."""
+
+    ranges = {
+        "damping": POSITIVE,
+        "cg_max_iters": SIZE,
+        "cg_decay": Range(0, 1),
+        "cg_tol": POSITIVE,
+        "curvature_batch": _int_from(0, "0: the whole batch"),
+        "structural_damping": NONNEGATIVE,
+    }
+
+    lr: float = 1.0  # where the line search along CG's direction starts
+    damping: float = 1.0  # lambda at the start; then adapted from the reduction ratio
+    cg_max_iters: int = 250
+    cg_decay: float = 0.95  # CG starts from this times the previous step's solution
+    cg_tol: float = 5e-4  # Martens' relative-progress stopping rule
+    curvature_batch: int = 0  # examples for the G v products: the batch's first k
+    structural_damping: float = 0.0  # mu: recurrent models' hidden-state damping
+    precondition: bool = False  # Martens' diagonal preconditioner (per-example gradients)
+
+
+@dataclass
 class RMSpropConfig(OptimConfig):
     ranges = {"alpha": FRACTION, "momentum": FRACTION, "eps": POSITIVE}
 
@@ -881,7 +906,12 @@ SCHEMAS: dict[str, dict[str, type[Schema]]] = {
         "norm": NormClipConfig,
         "agc": AGCConfig,
     },
-    "optim": {"sgd": SGDConfig, "adam": AdamConfig, "rmsprop": RMSpropConfig},
+    "optim": {
+        "sgd": SGDConfig,
+        "adam": AdamConfig,
+        "rmsprop": RMSpropConfig,
+        "hessian_free": HessianFreeConfig,
+    },
     "data": {
         "synthetic": SyntheticDataConfig,
         "digits": DigitsDataConfig,
@@ -970,6 +1000,8 @@ def _validate_across(cfg: Config) -> None:
             f"trainer.tbptt={tbptt}: model={model.name} is not recurrent; choose from"
             f" {', '.join(RECURRENT_MODELS)}"
         )
+    if isinstance(cfg.optim, HessianFreeConfig):
+        _validate_hessian_free(cfg)
     if data.kind not in model.inputs:
         fits = [name for name, kinds in MODEL_INPUTS.items() if data.kind in kinds]
         raise ConfigError(
@@ -992,6 +1024,40 @@ def _validate_across(cfg: Config) -> None:
                 f"norm.num_groups={norm.num_groups} does not divide model.{key}={width};"
                 f" choose from {', '.join(map(str, divisors))}"
             )
+
+
+def _validate_hessian_free(cfg: Config) -> None:
+    """optim=hessian_free against the rest: it bounds its step by damping and a line
+    search (no clipping), takes its curvature in float32 or wider (no AMP), and its
+    curvature batch is part of the batch."""
+    hf, t = cfg.optim, cfg.trainer
+    if cfg.clip.name != "none":
+        raise ConfigError(
+            f"clip={cfg.clip.name}: optim=hessian_free bounds its step by damping and a line"
+            " search, and clipping its gradient would change the system CG solves; choose"
+            " clip=none"
+        )
+    if t.amp != Amp.off:
+        raise ConfigError(
+            f"trainer.amp={t.amp.name}: optim=hessian_free's curvature products and line"
+            " search need full precision; choose trainer.amp=off"
+        )
+    if hf.curvature_batch > t.batch_size:
+        raise ConfigError(
+            f"optim.curvature_batch={hf.curvature_batch}: larger than trainer.batch_size="
+            f"{t.batch_size}; choose 1 to {t.batch_size}, or 0 for the whole batch"
+        )
+    if hf.structural_damping and not isinstance(cfg.model, RecurrentConfig):
+        raise ConfigError(
+            f"optim.structural_damping={hf.structural_damping}: damps the hidden states of"
+            f" recurrent layers and model={cfg.model.name} has none; choose from"
+            f" {', '.join(RECURRENT_MODELS)}, or optim.structural_damping=0"
+        )
+    if hf.precondition and cfg.norm.name == "batch":
+        raise ConfigError(
+            "optim.precondition=true: needs per-example gradients and norm=batch couples the"
+            " examples of a batch; choose another norm or optim.precondition=false"
+        )
 
 
 def _check_known_keys(obj: Any, path: str = "") -> None:

@@ -229,6 +229,21 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         )
     if summary.get("fold"):
         console.print(fold_line(summary["fold"]), highlight=False, soft_wrap=True)
+    if summary.get("hessian_free"):
+        console.print(hessian_free_line(summary["hessian_free"]), highlight=False, soft_wrap=True)
+
+
+def hessian_free_line(hf: dict[str, Any]) -> str:
+    """optim=hessian_free over the run, one line."""
+    cg, damping = hf["cg_iters"], hf["damping"]
+    rho = "-" if hf["rho_median"] is None else _fmt(hf["rho_median"])
+    return (
+        f"hessian-free: {hf['steps']} steps, CG iterations median {_fmt(cg['median'])}"
+        f" (max {cg['max']}), lambda {_fmt(damping['first'])} -> {_fmt(damping['last'])},"
+        f" rho median {rho}, line-search step median {_fmt(hf['rate_median'])},"
+        f" {hf['rejected_steps']} steps rejected; {hf['products']} curvature products on"
+        f" {hf['curvature_batch']} examples, {hf['evaluations']} loss evaluations"
+    )
 
 
 def fold_line(fold: dict[str, Any]) -> str:

@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from gradexp.config import AdamConfig, OptimConfig, RMSpropConfig, Schedule, SGDConfig
+from gradexp.config import (
+    AdamConfig,
+    HessianFreeConfig,
+    OptimConfig,
+    RMSpropConfig,
+    Schedule,
+    SGDConfig,
+)
+from gradexp.hessian_free import HessianFree
 from gradexp.registry import Registry
 
 Params = Iterable[torch.nn.Parameter]
@@ -60,6 +68,22 @@ def _rmsprop(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
         momentum=cfg.momentum,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+    )
+
+
+@OPTIMIZERS.decorate("hessian_free")
+def _hessian_free(cfg: OptimConfig, params: Params) -> torch.optim.Optimizer:
+    assert isinstance(cfg, HessianFreeConfig)
+    return HessianFree(
+        params,
+        lr=cfg.lr,
+        damping=cfg.damping,
+        cg_max_iters=cfg.cg_max_iters,
+        cg_decay=cfg.cg_decay,
+        cg_tol=cfg.cg_tol,
+        structural_damping=cfg.structural_damping,
+        weight_decay=cfg.weight_decay,
+        precondition=cfg.precondition,
     )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from gradexp import telemetry
+from gradexp.hessian_free import HessianFree
 from gradexp.record import (
     RELATIVE_PREFIX,
     RELATIVE_SECTION,
@@ -663,6 +664,115 @@ class ClipProbe(Probe):
         return {self.declared[k].name: v for k, v in ctx.clip.items()}
 
 
+HF_WHEN = "log steps, optim=hessian_free"
+
+
+def _hf(name: str, doc: str, chart: str | None = None, log_scale: bool = False) -> Quantity:
+    return Quantity(name, "scalar", doc, sparse=True, chart=chart, section="hessian-free",
+                    log_scale=log_scale, when=HF_WHEN)  # fmt: skip
+
+
+class HessianFreeProbe(Probe):
+    """What each Hessian-free step did (gradexp.hessian_free.HFStats): on log steps to
+    TensorBoard, every step into the run's summary (``result``)."""
+
+    name = "hessian_free"
+    declares = (
+        _hf("hf/cg_iters", "CG iterations the step took", "CG iterations: taken, chosen"),
+        _hf(
+            "hf/chosen_iter",
+            "the backtracked CG iterate the step took (0: none lowered the loss)",
+            "CG iterations: taken, chosen",
+        ),  # fmt: skip
+        _hf(
+            "hf/damping", "lambda, the Levenberg-Marquardt damping the step used", log_scale=True
+        ),  # fmt: skip
+        _hf(
+            "hf/rho",
+            "reduction ratio: actual over predicted reduction (not logged when"
+            " no iterate lowered the loss)",
+        ),  # fmt: skip
+        _hf(
+            "hf/rate", "the line search's step along the CG direction (0: rejected, no update)"
+        ),  # fmt: skip
+        _hf(
+            "hf/predicted",
+            "q(d) - q(0): the damped quadratic model's predicted change of the loss",
+            "predicted vs actual change of the loss",
+        ),  # fmt: skip
+        _hf(
+            "hf/actual",
+            "f(theta + d) - f(theta): the loss's change at the chosen iterate",
+            "predicted vs actual change of the loss",
+        ),  # fmt: skip
+        _hf("hf/curvature_batch", "examples the curvature products were taken on"),
+    )
+
+    def __init__(self, optimizer: HessianFree, curvature_batch: int) -> None:
+        self.optimizer = optimizer
+        self.curvature_batch = curvature_batch
+        self.steps: dict[str, list[float]] = {k: [] for k in RESULT_KEYS}
+
+    def active(self, plan: StepPlan) -> bool:
+        return True  # every step's statistics go into the summary
+
+    def after_update(self, ctx: StepContext) -> Stats:
+        s = self.optimizer.last
+        if s is None:  # the step was skipped (a non-finite gradient): no HF step
+            return {}
+        for key in RESULT_KEYS:
+            self.steps[key].append(float(getattr(s, key)))
+        if not ctx.plan.log:
+            return {}
+        rho = s.rho if math.isfinite(s.rho) else math.nan
+        return {"hf/cg_iters": float(s.cg_iters), "hf/chosen_iter": float(s.chosen_iter),
+                "hf/damping": s.damping, "hf/rho": rho, "hf/rate": s.rate,
+                "hf/predicted": s.predicted, "hf/actual": s.actual,
+                "hf/curvature_batch": float(self.curvature_batch)}  # fmt: skip
+
+    def result(self) -> dict[str, Any] | None:
+        """summary.json's ``hessian_free``: CG iterations, damping, rho and the line search
+        over every step, the rejected steps, the curvature products and loss evaluations."""
+        steps = self.steps
+        n = len(steps["cg_iters"])
+        if not n:
+            return None
+
+        def median(values: list[float]) -> float | None:
+            finite = sorted(v for v in values if math.isfinite(v))
+            return finite[len(finite) // 2] if finite else None
+
+        return {
+            "steps": n,
+            "curvature_batch": self.curvature_batch,
+            "cg_iters": {
+                "median": median(steps["cg_iters"]),
+                "max": int(max(steps["cg_iters"])),
+                "total": int(sum(steps["cg_iters"])),
+            },  # fmt: skip
+            "damping": {
+                "first": steps["damping"][0],
+                "last": self.optimizer.param_groups[0]["damping"],
+                "min": min(steps["damping"]),
+                "max": max(steps["damping"]),
+            },  # fmt: skip
+            "rho_median": median(steps["rho"]),
+            "rate_median": median(steps["rate"]),
+            "rejected_steps": sum(1 for r in steps["rate"] if r == 0),
+            "products": int(sum(steps["products"])),
+            "evaluations": int(sum(steps["evaluations"])),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in self.steps.items()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.steps = {k: list(state.get(k, [])) for k in RESULT_KEYS}
+
+
+RESULT_KEYS = ("cg_iters", "damping", "rho", "rate", "products", "evaluations")
+
+
 @contextlib.contextmanager
 def hooks(probes: list[Probe]) -> Iterator[None]:
     """Every probe's hooks, while entered; all are removed on exit, on every path."""
@@ -710,6 +820,7 @@ PROBES: tuple[type[Probe], ...] = (
     ClipProbe,
     TimeProbe,
     ParamNormProbe,
+    HessianFreeProbe,
 )
 
 
@@ -726,6 +837,8 @@ def default_probes(
     per_param: bool,
     time_samples: int,
     sustain: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    curvature_batch: int = 0,
 ) -> list[Probe]:
     """Every instrument of a run, in the order their quantities are listed."""
     probes: list[Probe] = [
@@ -743,4 +856,6 @@ def default_probes(
         probes.append(time_probe)
     if per_param:
         probes.append(ParamNormProbe())
+    if isinstance(optimizer, HessianFree):
+        probes.append(HessianFreeProbe(optimizer, curvature_batch))
     return probes

@@ -34,6 +34,7 @@ from gradexp.device import check_writable, resolve_device
 from gradexp.display import ProgressReporter, print_summary, status_line, summary_markdown
 from gradexp.errors import RunError
 from gradexp.guard import Decision, FiniteGuard
+from gradexp.hessian_free import Curvature, HessianFree, batch_statistics, model_curvature
 from gradexp.init import init_weights, weights_and_biases
 from gradexp.metrics import (
     MetricLogger,
@@ -50,6 +51,7 @@ from gradexp.models import create_model
 from gradexp.optim import create_optimizer, create_scheduler, momentum_buffers
 from gradexp.probes import (
     ActivationHealthProbe,
+    HessianFreeProbe,
     Probe,
     StepContext,
     StepPlan,
@@ -245,6 +247,8 @@ class Trainer:
             per_param=t.per_param,
             time_samples=t.time_samples,
             sustain=cfg.diagnose.sustain,
+            optimizer=self.optimizer,
+            curvature_batch=getattr(cfg.optim, "curvature_batch", 0) or t.batch_size,
         ) + list(probes or [])
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
@@ -383,12 +387,18 @@ class Trainer:
             loss = self.data.loss(out.float(), y)
         return loss, out
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def objective(self, loss: torch.Tensor) -> torch.Tensor:
+        """What training minimizes: the loss, and optim.l1 times sum |w|."""
         l1 = self.cfg.optim.l1
-        total = loss + l1 * sum(w.abs().sum() for w in self.l1_weights) if l1 else loss
+        return loss + l1 * sum(w.abs().sum() for w in self.l1_weights) if l1 else loss
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The objective's gradients into .grad (unscaled); returns the objective."""
+        total = self.objective(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16: probes see true gradients
+        return total.detach()
 
     def context(
         self, step: int, plan: StepPlan, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor
@@ -403,8 +413,13 @@ class Trainer:
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The optimizer step; an optimizer that re-evaluates the loss (``needs_closure``,
         or torch's LBFGS) gets a closure that recomputes loss and gradients at the
-        current parameters."""
-        if getattr(self.optimizer, "needs_closure", isinstance(self.optimizer, torch.optim.LBFGS)):
+        current parameters, and Hessian-free the network on its curvature batch too."""
+        if isinstance(self.optimizer, HessianFree):  # no scaler: AMP is refused with it
+            with batch_statistics(self.model):  # updated once, by the step's forward pass
+                self.optimizer.step(self.closure(x, y), self.curvature(x, y))
+        elif getattr(
+            self.optimizer, "needs_closure", isinstance(self.optimizer, torch.optim.LBFGS)
+        ):
             self.scaler.step(self.optimizer, self.closure(x, y))
         else:
             self.scaler.step(self.optimizer)
@@ -412,13 +427,31 @@ class Trainer:
         self.scheduler.step()
 
     def closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The objective (the loss and its L1 term) at the current parameters, and its
+        gradients; with gradients disabled (a line search's trial), the objective alone."""
+
         def closure() -> torch.Tensor:
-            with torch.enable_grad():
-                loss, _ = self.forward(x, y)
-                self.backward(loss)
-            return loss.detach()
+            loss, _ = self.forward(x, y)
+            if not torch.is_grad_enabled():
+                return self.objective(loss).detach()
+            return self.backward(loss)
 
         return closure
+
+    def curvature(self, x: torch.Tensor, y: torch.Tensor) -> Curvature:
+        """optim=hessian_free: the network on the curvature batch (the batch's first
+        ``optim.curvature_batch`` examples), with the recurrent layers' hidden states for
+        structural damping, and per-example gradients for the preconditioner."""
+        hf, spec = self.cfg.optim, self.data.spec
+        k = hf.curvature_batch or len(x)
+        return model_curvature(
+            self.model,
+            self.layers.params,
+            x[:k],
+            classes=None if spec.regression else spec.num_classes,
+            states=hf.structural_damping > 0,
+            per_example=(x, y, self.data.loss) if hf.precondition else None,
+        )
 
     def diverged(self) -> None:
         nonfinite = self.guard.nonfinite
@@ -512,6 +545,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         wall = self.loop_time or time.perf_counter() - self.start
         health = next((p for p in self.probes if isinstance(p, ActivationHealthProbe)), None)
+        hf = next((p for p in self.probes if isinstance(p, HessianFreeProbe)), None)
         dead = health.result() if health else [None] * len(self.layers)
         summarized = [q for q in self.quantities if q.kind == "layer" and q.summary]
         per_layer = self.history.layer_summary(summarized)
@@ -552,6 +586,7 @@ class Trainer:
             "steps_per_s": round(self.step / wall, 2) if wall > 0 else None,
             "device": str(self.device),
             "fold": self.fold,
+            "hessian_free": hf.result() if hf else None,
             "notes": self.notes,
         }
 

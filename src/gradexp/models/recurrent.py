@@ -83,6 +83,7 @@ class RecurrentLayer(nn.Module):
             self.norm_h = nn.LayerNorm(n, eps=layer_norm)
             self.norm_c = nn.LayerNorm(hidden_size, eps=layer_norm) if kind == "lstm" else None
         self.trace: Trace | None = None
+        self.unroll = False  # run the unrolled cell even where the fused one would do
 
     @property
     def traceable(self) -> bool:
@@ -107,7 +108,7 @@ class RecurrentLayer(nn.Module):
         return self.trace is not None or bool(hooked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused or (self.fusable and not self.watched()):
+        if not self.unroll and (self.fused or (self.fusable and not self.watched())):
             return self._fused(x)
         return self._unrolled(x)
 
