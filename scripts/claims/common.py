@@ -84,6 +84,23 @@ def scalars(run: RunRow, tag: str, finite: bool = False) -> list[tuple[int, floa
     return sorted((s, v) for s, v in points.items() if not finite or math.isfinite(v))
 
 
+def timed(run: RunRow, tag: str) -> list[tuple[int, float, float]]:
+    """A scalar tag's (step, seconds, value), seconds counted from the run's first logged
+    training loss (step 0's), read from the events' wall times: what "at equal
+    wall-clock time" compares. A run resumed from a checkpoint has a gap; not one of a
+    preset's."""
+    points: dict[int, tuple[float, float]] = {}
+    start = math.inf
+    for events in sorted(run.path.glob("events.out.tfevents.*")):
+        acc = _events(events)
+        names = acc.Tags()["scalars"]
+        if "loss/train" in names:
+            start = min(start, min(e.wall_time for e in acc.Scalars("loss/train")))
+        if tag in names:
+            points.update((e.step, (e.wall_time, e.value)) for e in acc.Scalars(tag))
+    return [(s, t - start, v) for s, (t, v) in sorted(points.items())]
+
+
 def metric(run: RunRow, key: str) -> float | None:
     """A final metric of summary.json (loss/test, acc/test, ...); None when absent."""
     value = ((run.summary or {}).get("metrics") or {}).get(key)
