@@ -1,11 +1,21 @@
-"""The cost of one Gauss-Newton product G v (gradexp.hessian_free) relative to one forward
-and backward pass, per model family (issue 15's target: at most 2.5x).
+"""The cost of Hessian-free optimization (gradexp.hessian_free) relative to one forward and
+backward pass, per model family (issue 15's target for G v: at most 2.5x).
 
 For each family (gradexp's own model on its default task, at the batch size given, one
-thread), times a forward+backward of the loss and a G v product on the same batch,
-interleaved in one process, and prints the median time of each with its spread and the
-ratio. torch's fused LSTM and GRU kernels have no forward-mode derivative: those families
-are timed on the unrolled cell (marked "unrolled"), forward+backward too.
+thread), in one process:
+
+- forward+backward of the loss, as an SGD step takes it (torch's fused recurrent kernels
+  where the trainer takes them);
+- one Gauss-Newton product G v as CG takes it: the reverse graph is built once per HF
+  step (``GaussNewton``), each product is one forward-mode pass and one backward pass;
+  recurrent layers run their unrolled cell (torch's fused LSTM kernel has no
+  forward-mode derivative), so G v is also given over a forward+backward on that path
+  ("G v / fb, same path": the unrolled cell; for the other families the same pass);
+- one whole HF step (``HessianFree.step`` with gradexp's defaults, after a few warm-up
+  steps), with its CG iterations: the step's cost is about that many products plus the
+  loss evaluations of backtracking and the line search.
+
+The two are interleaved, repeated, and reported as median (min-max) and ratio.
 
     python scripts/bench_hessian_free.py [--repeats 7] [--batch 128] [--families mlp rnn]
 """
@@ -18,12 +28,11 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
-from torch.func import functional_call
 
 from gradexp.cli import CONFIG_DIR
 from gradexp.config import to_config
 from gradexp.data import load_data
-from gradexp.hessian_free import gauss_newton_product
+from gradexp.hessian_free import GaussNewton, HessianFree, functional_passes, model_curvature
 from gradexp.init import init_weights
 from gradexp.models import create_model
 
@@ -31,8 +40,8 @@ FAMILIES = {
     "mlp": [],
     "cnn": ["model=cnn"],
     "resnet": ["model=resnet"],
-    "rnn": ["model=rnn", "data.length=50"],
-    "lstm": ["model=lstm", "data.length=50"],
+    "rnn": ["model=rnn", "data.length=50", "init=xavier_uniform"],
+    "lstm": ["model=lstm", "data.length=50", "init=xavier_uniform"],
 }
 
 
@@ -53,49 +62,66 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def ms(values: list[float]) -> str:
+    low, high = 1e3 * min(values), 1e3 * max(values)
+    return f"{1e3 * statistics.median(values):.2f} ({low:.2f}-{high:.2f})"
+
+
+def ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
 def measure(family: str, batch: int, repeats: int) -> str:
     model, data = build(FAMILIES[family])
     x, y = data.batch(batch, torch.Generator().manual_seed(0))
-    loss_kind = "mse" if data.spec.regression else "cross_entropy"
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach() for p in model.parameters())
-    v = tuple(torch.randn_like(p) for p in params)
-
-    def fn(*p: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, dict(zip(names, p)), (x,))
+    params = list(model.parameters())
+    classes = None if data.spec.regression else data.spec.num_classes
+    curvature = model_curvature(model, params, x, classes=classes)
+    at = tuple(p.detach() for p in params)
+    v = tuple(torch.randn_like(p) for p in at)
+    product = GaussNewton(curvature.fn, at, curvature.loss)
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
         data.loss(model(x), y).backward()
 
-    def product() -> None:
-        gauss_newton_product(fn, params, v, loss_kind)
+    def forward_backward_same_path() -> None:
+        with functional_passes(model):
+            forward_backward()
 
-    path = ""
-    try:
-        product()
-    except (RuntimeError, NotImplementedError) as e:
-        if not getattr(model, "recurrent", None):
-            return f"{family:8} G v not available: {str(e).splitlines()[0][:90]}"
-        # torch's fused LSTM/GRU kernels have no forward-mode derivative: the unrolled
-        # cell (the path a logging step takes) for both timings
-        for layer in model.recurrent:
-            layer.trace = lambda t, n, h: None
-        product()
-        path = " unrolled"
+    def closure() -> torch.Tensor:
+        loss = data.loss(model(x), y)
+        if torch.is_grad_enabled():
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+        return loss.detach()
+
+    optimizer = HessianFree(params)
+    cg: list[int] = []
+
+    def hf_step() -> None:
+        optimizer.step(closure, model_curvature(model, params, x, classes=classes))
+        assert optimizer.last is not None
+        cg.append(optimizer.last.cg_iters)
+
     forward_backward()
-    fb, gv = [], []
-    for _ in range(repeats):  # interleaved: the machine's noise falls on both alike
+    forward_backward_same_path()
+    product(v)
+    for _ in range(3):  # warm up: lambda and the warm start settle from their defaults
+        hf_step()
+    cg.clear()
+    fb, same, gv, steps = [], [], [], []
+    for _ in range(repeats):  # interleaved: the machine's noise falls on all alike
         fb.append(timed(forward_backward, 3))
-        gv.append(timed(product, 3))
-    ratios = [g / f for g, f in zip(gv, fb)]
-
-    def ms(values: list[float]) -> str:
-        low, high = 1e3 * min(values), 1e3 * max(values)
-        return f"{1e3 * statistics.median(values):.2f} ({low:.2f}-{high:.2f})"
-
-    return (f"{family:8} {ms(fb):>22} {ms(gv):>22} {statistics.median(ratios):6.2f}x"
-            f" ({min(ratios):.2f}-{max(ratios):.2f}){path}")  # fmt: skip
+        same.append(timed(forward_backward_same_path, 3))
+        gv.append(timed(lambda: product(v), 3))
+        steps.append(timed(hf_step, 1))
+    gv_ratio = [g / f for g, f in zip(gv, fb)]
+    same_ratio = [g / f for g, f in zip(gv, same)]
+    step_ratio = [s / f for s, f in zip(steps, fb)]
+    return (f"{family:7} {ms(fb):>21} {ms(gv):>21} {ratio(gv_ratio):>19}"
+            f" {ratio(same_ratio):>19} {ms(steps):>25} {statistics.median(cg):>4.0f}"
+            f" {ratio(step_ratio):>21}")  # fmt: skip
 
 
 def main() -> None:
@@ -106,7 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"batch {args.batch}, one thread; ms, median (min-max) of {args.repeats} repeats")
-    print(f"{'family':8} {'forward+backward':>22} {'G v':>22} {'ratio':>7}")
+    print(f"{'family':7} {'forward+backward':>21} {'G v':>21} {'G v / fb':>19}"
+          f" {'same path':>19} {'HF step':>25} {'CG':>4} {'HF step / fb':>21}")  # fmt: skip
     for family in args.families:
         print(measure(family, args.batch, args.repeats), flush=True)
 

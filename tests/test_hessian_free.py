@@ -426,3 +426,10 @@ def test_preconditioned_step_reaches_the_same_solution():
     torch.testing.assert_close(flat(list(model.parameters())).detach(), best, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="needs the curvature's sq_grads"):
         opt.step(closure, curvature)
+
+
+def test_cg_stops_when_a_product_overflows():
+    """An exploding Jacobian overflows G v in float32: CG says so, takes no step."""
+    b = torch.ones(3)
+    res = conjugate_gradient(lambda v: v * math.inf, b, torch.zeros(3), 10)
+    assert res.stopped == "nonfinite" and res.iterations == 0 and res.saved == []

@@ -156,3 +156,22 @@ def test_bad_settings_are_refused_before_training(overrides, message) -> None:
     with pytest.raises(ConfigError) as error:
         composed("optim=hessian_free", *overrides)
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_an_exploding_rnn_is_reported_not_hidden(tmp_path: Path) -> None:
+    """A tanh RNN with N(0, 1) recurrent weights over 50 steps: the gradient is finite
+    (about 1e16) but a curvature product overflows float32. Every step says so
+    (cg_stopped nonfinite), none updates, and the terminal line says why."""
+    cfg = composed("model=rnn", "data=adding", "data.length=50", "model.hidden_size=50",
+                   "data.n_train=128", "data.n_test=32", *HF, "trainer.steps=3")  # fmt: skip
+    trainer = Trainer(cfg, tmp_path, logger=NullLogger())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    hf = result["hessian_free"]
+    assert hf["cg_stopped"] == {"nonfinite": 3} and hf["rejected_steps"] == 3
+    assert hf["damping"]["last"] == pytest.approx(1.5**3)
+    for a, b in zip(before, trainer.model.parameters()):
+        assert torch.equal(a, b)
+    from gradexp.display import hessian_free_line
+
+    assert "on 3 steps a curvature product overflowed" in hessian_free_line(hf)

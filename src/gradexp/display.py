@@ -237,12 +237,18 @@ def hessian_free_line(hf: dict[str, Any]) -> str:
     """optim=hessian_free over the run, one line."""
     cg, damping = hf["cg_iters"], hf["damping"]
     rho = "-" if hf["rho_median"] is None else _fmt(hf["rho_median"])
+    overflowed = hf.get("cg_stopped", {}).get("nonfinite", 0)
+    warning = (
+        f"; on {overflowed} steps a curvature product overflowed (no update: an exploding Jacobian)"
+        if overflowed
+        else ""
+    )
     return (
         f"hessian-free: {hf['steps']} steps, CG iterations median {_fmt(cg['median'])}"
         f" (max {cg['max']}), lambda {_fmt(damping['first'])} -> {_fmt(damping['last'])},"
         f" rho median {rho}, line-search step median {_fmt(hf['rate_median'])},"
         f" {hf['rejected_steps']} steps rejected; {hf['products']} curvature products on"
-        f" {hf['curvature_batch']} examples, {hf['evaluations']} loss evaluations"
+        f" {hf['curvature_batch']} examples, {hf['evaluations']} loss evaluations{warning}"
     )
 
 

@@ -127,8 +127,8 @@ class CGResult:
         saved: (iteration, iterate) at the iterations backtracking chooses among: the
             ceil(gamma^j)-th ones and the last, in order.
         stopped: why it stopped: "progress" (Martens' rule), "converged" (the residual
-            at rounding level), "max_iters", or "curvature" (a direction of
-            non-positive curvature).
+            at rounding level), "max_iters", "curvature" (a direction of non-positive
+            curvature), or "nonfinite" (a product overflowed: no step is taken).
     """
 
     x: torch.Tensor
@@ -195,6 +195,9 @@ def conjugate_gradient(
         # phi(x) = -(b + r)^T x / 2, since A x = b - r; one transfer for three numbers
         host = torch.stack([curvature, -0.5 * (b + r_new).dot(x_new), r_new.dot(r_new)])
         curv, phi_new, rr = host.tolist()
+        if not (math.isfinite(curv) and math.isfinite(phi_new)):
+            stopped = "nonfinite"  # the product overflowed (an exploding Jacobian)
+            break
         if not curv > 0.0:
             stopped = "curvature"
             break

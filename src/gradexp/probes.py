@@ -712,6 +712,7 @@ class HessianFreeProbe(Probe):
         self.optimizer = optimizer
         self.curvature_batch = curvature_batch
         self.steps: dict[str, list[float]] = {k: [] for k in RESULT_KEYS}
+        self.stopped: dict[str, int] = {}  # steps by why CG stopped
 
     def active(self, plan: StepPlan) -> bool:
         return True  # every step's statistics go into the summary
@@ -722,6 +723,7 @@ class HessianFreeProbe(Probe):
             return {}
         for key in RESULT_KEYS:
             self.steps[key].append(float(getattr(s, key)))
+        self.stopped[s.cg_stopped] = self.stopped.get(s.cg_stopped, 0) + 1
         if not ctx.plan.log:
             return {}
         rho = s.rho if math.isfinite(s.rho) else math.nan
@@ -759,15 +761,17 @@ class HessianFreeProbe(Probe):
             "rho_median": median(steps["rho"]),
             "rate_median": median(steps["rate"]),
             "rejected_steps": sum(1 for r in steps["rate"] if r == 0),
+            "cg_stopped": dict(sorted(self.stopped.items())),
             "products": int(sum(steps["products"])),
             "evaluations": int(sum(steps["evaluations"])),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in self.steps.items()}
+        return {**{k: list(v) for k, v in self.steps.items()}, "stopped": dict(self.stopped)}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.steps = {k: list(state.get(k, [])) for k in RESULT_KEYS}
+        self.stopped = dict(state.get("stopped", {}))
 
 
 RESULT_KEYS = ("cg_iters", "damping", "rho", "rate", "products", "evaluations")
