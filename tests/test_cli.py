@@ -498,6 +498,11 @@ BAD_INPUT = [
         ),
     ),
     pytest.param(
+        ["optim=hessian_free", "optim.curvature_batch=999"],
+        ["optim.curvature_batch=999", "trainer.batch_size", "0 for the whole batch"],
+        id="hf-curvature-batch",
+    ),
+    pytest.param(
         ["objective.metric=accuracy"],
         ["objective.metric=accuracy", "loss/test", "acc/test"],
         id="objective-metric",
