@@ -116,7 +116,8 @@ def test_option_name_is_known_to_the_code(group, option):
         assert node.name in registry
     elif group == "optim":
         opt = create_optimizer(node, [torch.nn.Parameter(torch.zeros(2))])
-        expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+        expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
+                    "hessian_free": "HessianFree"}  # fmt: skip
         assert type(opt).__name__ == expected[node.name]
         assert opt.param_groups[0]["lr"] == node.lr
     elif group == "clip":
