@@ -225,9 +225,14 @@ def test_ctrl_c_stops_a_sweep_cleanly(tmp_path: Path, launcher: list[str], runni
     stopped = subprocess.CompletedProcess(args, proc.returncode, out, err)
     assert stopped.returncode == 130, describe(stopped)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    stopped_jobs = ", ".join(names[:running])
+    unstarted = f", {len(names) - running} never started ({', '.join(names[running:])})"
     assert err.strip().splitlines()[-1] == (
-        "gradexp: error: the sweep was stopped: `gradexp resume JOB_DIR` continues a job"
+        f"gradexp: error: the sweep was stopped: 0 finished, {running} stopped ({stopped_jobs})"
+        f"{unstarted if running < len(names) else ''}: `gradexp resume {sweep}` finishes the"
+        " sweep"
     )
+    assert not (sweep / ".gradexp-stop").exists()  # the driver cleans up its stop
     for name in names[:running]:
         summary = load_summary(sweep / name)
         assert summary["status"] == "interrupted" and 0 < summary["steps"] < 100000, name

@@ -12,17 +12,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from gradexp.config import EXECUTION_KEYS, Config, Schedule, flat
 from gradexp.errors import ConfigError, shorten
-from gradexp.rundir import SUMMARY_FILE, write_bytes_atomic
+from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE, write_bytes_atomic
 
 # The layout of a checkpoint (gradexp.train.Trainer.state_dict); another one is refused.
 CHECKPOINT_FORMAT = 2
@@ -91,28 +89,47 @@ class StopOnSignal:
         self.previous.clear()
 
 
-# A sweep's driver names a file here; its jobs (in-process or in launcher workers, which
-# inherit the environment) read it.
-SWEEP_STOP_ENV = "GRADEXP_SWEEP_STOP"
+# A sweep's stop is a file in the sweep's own directory (shared storage on a cluster, where
+# the results are): the driver touches it, every job reads it, wherever it runs.
+STOP_FILE = ".gradexp-stop"
+SWEEP_STOP_ENV = "GRADEXP_SWEEP_STOP"  # set by each job itself (gradexp.cli), from its dir
 SWEEP_DRIVER_ENV = "GRADEXP_SWEEP_DRIVER"  # the driver's pid: a job elsewhere is in a worker
 
 
 class SweepStop:
-    """While a sweep runs, SIGINT/SIGTERM stop it cleanly: the running jobs stop between
-    two steps and save a checkpoint (they get the signal too: a terminal's Ctrl-C and
-    SLURM signal every process of the job, and a job in the driver's own process has its
-    StopOnSignal), and the jobs that have not started yet do not start. The stop is a
-    file, so that launcher workers in other processes see it. A second SIGINT interrupts
-    at once."""
+    """While a sweep runs, the driver's SIGINT/SIGTERM stop it cleanly: the running jobs
+    stop between two steps and save a checkpoint (a terminal's Ctrl-C reaches them too; a
+    job elsewhere reads the stop file), and the jobs that have not started yet do not
+    start. The stop is ``STOP_FILE`` in the sweep directory, known once Hydra has made it
+    (``at``, from gradexp.cli.SweepCallback). One job's own stop (SLURM preempting it) is
+    that job's: it does not stop the sweep. A second SIGINT interrupts at once."""
+
+    current: SweepStop | None = None  # the driver's, while it runs
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gradexp-sweep-"))
-        self.path = self.dir / "stop"
+        self.sweep_dir: Path | None = None
+        self.signalled = False
         self.previous: dict[int, Any] = {}
 
     @property
+    def path(self) -> Path | None:
+        return self.sweep_dir / STOP_FILE if self.sweep_dir is not None else None
+
+    @property
     def stopped(self) -> bool:
-        return self.path.exists()
+        """The driver was signalled, or a job in its own process stopped the sweep."""
+        return self.signalled or (self.path is not None and self.path.exists())
+
+    def at(self, sweep_dir: Path) -> None:
+        """The sweep's directory, as Hydra resolved it: a stop file left there by an
+        earlier driver that was killed is not this sweep's."""
+        self.sweep_dir = Path(sweep_dir).absolute()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        assert self.path is not None
+        if self.signalled:
+            self.path.touch()
+        else:
+            self.path.unlink(missing_ok=True)
 
     def _handle(self, signum: int, frame: object) -> None:
         if not self.stopped:
@@ -121,14 +138,16 @@ class SweepStop:
                 " save a checkpoint, the others do not start (Ctrl-C again: at once)",
                 file=sys.stderr,
             )
-        self.path.touch()
+        self.signalled = True
+        if self.path is not None:
+            self.path.touch()
         # A second signal: at once (SIGTERM: the default, which ends the driver).
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def __enter__(self) -> SweepStop:
-        os.environ[SWEEP_STOP_ENV] = str(self.path)
         os.environ[SWEEP_DRIVER_ENV] = str(os.getpid())
+        SweepStop.current = self
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -137,9 +156,17 @@ class SweepStop:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        os.environ.pop(SWEEP_STOP_ENV, None)
         os.environ.pop(SWEEP_DRIVER_ENV, None)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        os.environ.pop(SWEEP_STOP_ENV, None)
+        SweepStop.current = None
+        if self.path is not None:  # every job has ended: the stop has done its work
+            self.path.unlink(missing_ok=True)
+
+
+def join_sweep(job_dir: Path) -> None:
+    """In a sweep's job (wherever it runs): the sweep's stop is the file in the directory
+    above the job's own."""
+    os.environ[SWEEP_STOP_ENV] = str(Path(job_dir).absolute().parent / STOP_FILE)
 
 
 def sweep_stop_file() -> Path | None:
@@ -154,6 +181,12 @@ def sweep_stopped() -> bool:
     return path is not None and path.exists()
 
 
+def in_driver() -> bool:
+    """In a sweep's job: does it run in the driver's own process (Hydra's basic launcher),
+    where a signal the job caught was the driver's?"""
+    return os.environ.get(SWEEP_DRIVER_ENV) == str(os.getpid())
+
+
 def ignore_sigint_between_jobs() -> None:
     """In a launcher's worker process (joblib's loky workers): an idle worker that gets a
     terminal's Ctrl-C would die and break the pool; a job's StopOnSignal catches SIGINT
@@ -165,10 +198,40 @@ def ignore_sigint_between_jobs() -> None:
 
 
 def stop_sweep() -> None:
-    """In a sweep's job that was interrupted: the jobs after it do not start."""
+    """In a sweep's job that its driver's signal interrupted (in the driver's own
+    process): the jobs after it do not start."""
     path = sweep_stop_file()
     if path is not None and path.parent.is_dir():
         path.touch()
+
+
+def continuation(run_dir: Path, steps: int) -> tuple[str, dict[str, Any] | None]:
+    """What a sweep's job does in a directory a run already used (SLURM requeued it, or
+    ``gradexp resume SWEEP_DIR`` launched it again), and the summary found there:
+
+    - "complete": it finished (completed with ``steps`` steps or more, or diverged, a
+      result too): it does not run again;
+    - "resume": from its checkpoint.pt (the config must match: resume_state);
+    - "restart": nothing to continue from (stopped before its first checkpoint, or never
+      started): from step 0, its old TensorBoard events hidden (purged);
+    - "new": the directory holds no run.
+    """
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = None
+    status = (summary or {}).get("status")
+    done = (status == "completed" and (summary or {}).get("steps", 0) >= steps) or (
+        status == "diverged"
+    )
+    if done:
+        return "complete", summary
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        return "resume", summary
+    if summary is not None or any(run_dir.glob("events.out.tfevents.*")):
+        return "restart", summary
+    return "new", None
 
 
 # What a resumed run may change: how it runs, not what it computes. trainer.steps may

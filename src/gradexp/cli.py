@@ -129,7 +129,7 @@ def _train_job(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from gradexp.checkpoint import ignore_sigint_between_jobs
+    from gradexp.checkpoint import continuation, ignore_sigint_between_jobs, join_sweep
     from gradexp.rundir import claim, release
 
     hydra_cfg = HydraConfig.get()
@@ -142,8 +142,14 @@ def _train_job(cfg: DictConfig) -> Any:
     maximize = str(direction).lower().endswith("maximize")
     objective = cfg.get("objective") or {}
     metric, penalty = objective.get("metric", "loss/test"), objective.get("penalty")
+    again = "new"
     if multirun:
         ignore_sigint_between_jobs()
+        join_sweep(output_dir)  # the sweep's stop, in the sweep's directory
+        # A job whose directory holds a run is that job again (requeued by SLURM, or
+        # launched again by `gradexp resume SWEEP_DIR`): the sweep's driver refuses to
+        # start a new sweep on another's jobs (preflight.check_run_dirs).
+        again, found = continuation(output_dir, int(cfg.trainer.steps))
 
     def objective_value_of(summary: dict[str, Any] | None) -> float:
         return objective_value(summary, metric, penalty, maximize)
@@ -152,12 +158,26 @@ def _train_job(cfg: DictConfig) -> Any:
     try:
         # A run dir belongs to one run (a single run named by hydra.run.dir holds it since
         # preflight). Refused: nothing of the dir is touched, not even a failure summary.
-        took = claim(output_dir, resume=bool(cfg.trainer.resume))
+        took = claim(output_dir, resume=bool(cfg.trainer.resume) or again != "new")
     except ConfigError as e:
         if not multirun:
             fail(str(e))
         print(f"gradexp: job {hydra_cfg.job.num} not run: {e}", file=sys.stderr)
         return objective_value_of(None)
+    job = f"gradexp: job {hydra_cfg.job.num} ({output_dir.name})" if multirun else ""
+    if again == "complete":
+        assert found is not None
+        print(f"{job}: already {found['status']} ({found.get('steps')} steps): not run again",
+              file=sys.stderr)  # fmt: skip
+        if took:
+            release(output_dir)
+        return objective_value_of(found)
+    if again == "resume":
+        cfg.trainer.resume = True
+        print(f"{job}: run again: continuing from its checkpoint", file=sys.stderr)
+    elif again == "restart":
+        print(f"{job}: run again: no checkpoint to continue from, starting from step 0",
+              file=sys.stderr)  # fmt: skip
     try:
         return _run_job(cfg, output_dir, multirun, optimizing, objective_value_of)
     finally:
@@ -175,7 +195,7 @@ def _run_job(
     """The job in its claimed run dir; returns what the sweeper reads (``value``)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from gradexp.checkpoint import NOT_STARTED, stop_sweep, sweep_stopped
+    from gradexp.checkpoint import NOT_STARTED, in_driver, stop_sweep, sweep_stopped
     from gradexp.config import to_config
     from gradexp.rundir import minimal_summary, record_failure, write_summary
     from gradexp.train import NonFiniteError, run
@@ -207,7 +227,9 @@ def _run_job(
     if summary["status"] == "interrupted":
         if not multirun:
             raise SystemExit(130)
-        stop_sweep()  # the jobs after this one do not start; the sweep exits 130
+        if in_driver():  # the driver's own signal: the jobs after this one do not start
+            stop_sweep()
+        # elsewhere (SLURM preempted this job, or timed it out) the stop is this job's
         if optimizing:
             raise RuntimeError("interrupted: not a trial's result")
     return value(summary)
@@ -285,6 +307,7 @@ def _train(args: list[str]) -> None:
         _run_hydra(args)
         return
     from gradexp.checkpoint import SweepStop
+    from gradexp.sweep import report
 
     with SweepStop() as stop:
         try:
@@ -295,11 +318,17 @@ def _train(args: list[str]) -> None:
             if not stop.stopped:
                 raise
         stopped = stop.stopped  # read before the exit removes the stop file
+    sweep_dir = stop.sweep_dir
+    if sweep_dir is None:  # --cfg, --info: no sweep ran
+        return
+    jobs = report(sweep_dir)
     if stopped:
-        fail("the sweep was stopped: `gradexp resume JOB_DIR` continues a job", code=130)
+        fail(f"the sweep was stopped: {jobs.line(sweep_dir)}", code=130)
+    if jobs.unfinished:  # a job's own stop (SLURM preempted it, timed it out), or lost
+        fail(f"the sweep did not finish: {jobs.line(sweep_dir)}", code=1)
 
 
-RESUME_USAGE = "usage: gradexp resume RUN_DIR [KEY=VALUE ...]"
+RESUME_USAGE = "usage: gradexp resume RUN_DIR|SWEEP_DIR [KEY=VALUE ...]"
 
 
 def _quote(value: str) -> str:
@@ -319,6 +348,8 @@ def _resume(args: list[str]) -> None:
         )
         raise SystemExit(0 if args else 2)
     run_dir, extra = Path(args[0]), args[1:]
+    if (run_dir / "multirun.yaml").is_file():
+        return _resume_sweep(run_dir, extra)
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         fail(f"{run_dir}: not a gradexp run dir (no .hydra/overrides.yaml); {RESUME_USAGE}")
@@ -333,6 +364,25 @@ def _resume(args: list[str]) -> None:
         if str(o).split("=", 1)[0].lstrip("+~") not in {*given, "trainer.resume"}
     ]
     _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])
+
+
+def _resume_sweep(sweep_dir: Path, extra: list[str]) -> None:
+    """``gradexp resume SWEEP_DIR``: the sweep launched again into its own directory (its
+    launcher, or the one ``extra`` names): finished jobs are not run again, stopped ones
+    continue from their checkpoints, the others start."""
+    from gradexp.sweep import RESUME_SWEEP_ENV, resume_args
+
+    if any(a.startswith("-") for a in extra):
+        fail(f"{' '.join(extra)}: only KEY=VALUE overrides here; {RESUME_USAGE}")
+    try:
+        args = resume_args(sweep_dir.absolute(), extra)
+    except ConfigError as e:
+        fail(str(e))
+    os.environ[RESUME_SWEEP_ENV] = str(sweep_dir.absolute())
+    try:
+        _train(args)
+    finally:
+        os.environ.pop(RESUME_SWEEP_ENV, None)
 
 
 SUBCOMMANDS = ("train", "resume", "report")

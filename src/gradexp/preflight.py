@@ -325,6 +325,10 @@ def check_run_dirs(args: list[str], multirun: bool, resume: bool) -> None:
     if not given or "${" in given[-1] or not Path(given[-1]).is_dir():
         return
     root = Path(given[-1])
+    from gradexp.sweep import RESUME_SWEEP_ENV
+
+    if os.environ.get(RESUME_SWEEP_ENV) == str(root.absolute()):
+        return  # gradexp resume SWEEP_DIR: its jobs continue (gradexp.cli._train_job)
     runs = [d for d in sorted(root.iterdir()) if d.is_dir() and holds_run(d)]
     if runs:
         raise ConfigError(

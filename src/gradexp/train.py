@@ -262,9 +262,12 @@ class Trainer:
         if resumed:
             self.load_state_dict(resumed)
             file_log.info("resumed at step %d from %s", self.step, self.checkpoint)
-        # Resuming: TensorBoard drops what the first writer logged from this step on.
+        # Resuming: TensorBoard drops what the earlier writers logged from this step on;
+        # a sweep's job started again from step 0 (its run left no checkpoint): all of it.
+        stale = not self.resumed and any(output_dir.glob("events.out.tfevents.*"))
+        purge = self.step if self.resumed else (0 if stale else None)
         self.logger = logger or TensorBoardLogger(
-            output_dir, self.tags.layout(self.time_layers), purge_step=self.step or None
+            output_dir, self.tags.layout(self.time_layers), purge_step=purge
         )
         if not self.resumed:
             # The composed config, for the gradexp tab ({"model.depth": 20, ...}).

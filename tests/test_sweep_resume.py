@@ -1,0 +1,180 @@
+"""A sweep's jobs on their own: a job that is launched again into its directory (SLURM's
+requeue, `gradexp resume SWEEP_DIR`) continues from its checkpoint bit for bit, or is
+not run again when it finished; one job's stop is that job's, not the sweep's; the
+driver says what happened to each job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import cli_env, describe, gradexp_command, load_summary, run_cli
+from test_resume import CONFIG, MACHINE_DEPENDENT, tensorboard_series
+
+BASE = [c for c in CONFIG if not c.startswith("trainer.steps=")]  # each test its length
+JOBS = ["0_seed=0", "1_seed=1"]
+SWEEP = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"]
+
+
+def start_sweep(tmp_path: Path, sweep: Path, steps: int) -> subprocess.Popen[str]:
+    args = [*gradexp_command(), "train", "-m", *BASE, f"trainer.steps={steps}", *SWEEP,
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    return subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for_checkpoints(proc: subprocess.Popen[str], sweep: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not all((sweep / job / "checkpoint.pt").exists() for job in JOBS):
+        assert time.monotonic() < deadline and proc.poll() is None, "the jobs did not start"
+        time.sleep(0.05)
+
+
+def job_pid(job_dir: Path) -> int:
+    """The process running a job: its run dir's lock names it ("pid N on HOST, since")."""
+    return int((job_dir / ".gradexp.lock").read_text().split()[1])
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two runs ended alike: summary (but timings), parameters, TensorBoard's series."""
+    sa, sb = load_summary(a), load_summary(b)
+    for key in sa:
+        if key not in MACHINE_DEPENDENT:
+            assert sa[key] == sb[key], key
+    ma = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
+    mb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert tensorboard_series(a, "loss/train") == tensorboard_series(b, "loss/train")
+
+
+def test_a_sweep_killed_hard_is_finished_by_gradexp_resume(tmp_path: Path) -> None:
+    """SIGKILL to the whole sweep once both jobs have a checkpoint (a node lost, a job
+    preempted without grace): no summary, a checkpoint each. `gradexp resume SWEEP_DIR`
+    continues both from their checkpoints through the sweep's own launcher, and each
+    ends as the uninterrupted sweep's job does, with one TensorBoard series."""
+    sweep = tmp_path / "sweep"
+    proc = start_sweep(tmp_path, sweep, 4000)
+    try:
+        wait_for_checkpoints(proc, sweep)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    killed_at = [torch.load(sweep / j / "checkpoint.pt", weights_only=True)["step"] for j in JOBS]
+    assert all(0 < step < 4000 for step in killed_at)
+    resumed = run_cli(["resume", str(sweep)], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    for job in JOBS:
+        assert f"({job}): run again: continuing from its checkpoint" in resumed.stderr
+    whole = tmp_path / "whole"
+    proc = run_cli(["train", "-m", *CONFIG, *SWEEP, f"hydra.sweep.dir={whole}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    for job in JOBS:
+        assert_same_run(sweep / job, whole / job)
+    # finished: launched again, nothing runs
+    again = run_cli(["resume", str(sweep)], tmp_path)
+    assert again.returncode == 0, describe(again)
+    for job in JOBS:
+        assert f"({job}): already completed (4000 steps): not run again" in again.stderr
+    assert_same_run(sweep / JOBS[0], whole / JOBS[0])
+
+
+def test_one_jobs_stop_is_that_jobs(tmp_path: Path) -> None:
+    """SIGTERM to one job's process (what SLURM sends a job it preempts): that job stops
+    with a checkpoint, the other finishes, the driver says which did what and exits 1;
+    `gradexp resume SWEEP_DIR` then finishes the stopped one and leaves the other."""
+    sweep = tmp_path / "sweep"
+    proc = start_sweep(tmp_path, sweep, 10000)
+    try:
+        wait_for_checkpoints(proc, sweep)
+        os.kill(job_pid(sweep / JOBS[0]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert done.returncode == 1, describe(done)
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"gradexp: error: the sweep did not finish: 1 finished, 1 stopped ({JOBS[0]}):"
+        f" `gradexp resume {sweep}` finishes the sweep"
+    )
+    first, second = load_summary(sweep / JOBS[0]), load_summary(sweep / JOBS[1])
+    assert first["status"] == "interrupted" and 0 < first["steps"] < 10000
+    assert second["status"] == "completed" and second["steps"] == 10000
+    resumed = run_cli(["resume", str(sweep)], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"({JOBS[1]}): already completed (10000 steps): not run again" in resumed.stderr
+    assert load_summary(sweep / JOBS[0])["status"] == "completed"
+    assert load_summary(sweep / JOBS[0])["steps"] == 10000
+
+
+def test_a_job_without_checkpoint_starts_again_with_one_series(tmp_path: Path) -> None:
+    """A job stopped before its first checkpoint: launched again it starts from step 0,
+    and TensorBoard shows one series (the old events purged), equal to a whole run's."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["train", "-m", *BASE, "trainer.steps=300", *SWEEP,
+                    f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    job = sweep / JOBS[1]
+    whole_series = tensorboard_series(job, "loss/train")
+    (job / "checkpoint.pt").unlink()
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    resumed = run_cli(["resume", str(sweep)], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"({JOBS[1]}): run again: no checkpoint to continue from" in resumed.stderr
+    assert load_summary(job)["status"] == "completed"
+    assert len(list(job.glob("events.out.tfevents.*"))) == 2  # nothing deleted
+    assert tensorboard_series(job, "loss/train") == whole_series
+
+
+def test_resume_of_a_sweep_dir_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "multirun.yaml").write_text("hydra: {}\n")
+    proc = run_cli(["resume", str(broken)], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+    assert "not a sweep's directory" in proc.stderr
+
+
+def multirun_yaml(root: Path, hydra: list[str], task: list[str]) -> Path:
+    root.mkdir()
+    (root / "multirun.yaml").write_text(
+        json.dumps({"hydra": {"overrides": {"hydra": hydra, "task": task}}})  # YAML too
+    )
+    return root
+
+
+def test_resume_args_are_the_sweeps_own_with_another_launcher_if_asked(tmp_path: Path):
+    from gradexp.errors import ConfigError
+    from gradexp.sweep import resume_args
+
+    saved = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}",
+             "hydra.mode=MULTIRUN"]  # fmt: skip
+    sweep = multirun_yaml(tmp_path / "s", saved, ["init=normal,xavier_normal", "seed=0"])
+    assert resume_args(sweep, []) == [
+        "-m", "init=normal,xavier_normal", "seed=0", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    assert resume_args(sweep, ["hydra/launcher=submitit_slurm", "trainer.steps=9"]) == [
+        "-m", "init=normal,xavier_normal", "seed=0", "hydra/launcher=submitit_slurm",
+        "trainer.steps=9", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    search = multirun_yaml(
+        tmp_path / "o", ["hydra/sweeper=optuna"], ["optim.lr=interval(0.001, 1)"]
+    )
+    try:
+        resume_args(search, [])
+    except ConfigError as e:
+        assert "a search's trials are sampled as it goes" in str(e)
+    else:
+        raise AssertionError("an optuna sweep was not refused")
