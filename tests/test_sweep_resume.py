@@ -178,3 +178,42 @@ def test_resume_args_are_the_sweeps_own_with_another_launcher_if_asked(tmp_path:
         assert "a search's trials are sampled as it goes" in str(e)
     else:
         raise AssertionError("an optuna sweep was not refused")
+
+
+def test_a_jobs_signal_goes_on_to_submitits_handler_only(capsys):
+    """After the job has saved its checkpoint: SIGUSR2 to submitit's handler (which
+    requeues, or says why not), SIGTERM ends the process without a result (SLURM
+    decides), and another launcher's handler (Ray's) is left alone."""
+    import signal as sig
+
+    import pytest
+
+    from gradexp.checkpoint import StopOnSignal, pass_on_signal
+
+    calls = []
+
+    class Handler:  # as submitit's SignalHandler
+        def requeue(self, signum, frame):
+            calls.append(signum)
+            raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    Handler.__module__ = "submitit.core.job_environment"
+    StopOnSignal.last = (sig.SIGUSR2, Handler().requeue)
+    pass_on_signal("gradexp: job 0 (0_seed=0)")
+    assert calls == [sig.SIGUSR2]
+    assert capsys.readouterr().err == (
+        "gradexp: job 0 (0_seed=0): Job not requeued because: timed-out too many times.\n"
+    )
+    StopOnSignal.last = (sig.SIGTERM, Handler().requeue)
+    with pytest.raises(SystemExit) as stopped:
+        pass_on_signal("job")
+    assert stopped.value.code == 128 + sig.SIGTERM and calls == [sig.SIGUSR2]
+
+    class Other(Handler):
+        pass
+
+    Other.__module__ = "ray._private.worker"
+    StopOnSignal.last = (sig.SIGUSR2, Other().requeue)
+    pass_on_signal("job")
+    assert calls == [sig.SIGUSR2]
+    StopOnSignal.last = None

@@ -69,15 +69,21 @@ class StopOnSignal:
         *(getattr(signal, n) for n in ("SIGUSR2",) if hasattr(signal, n)),
     )
 
+    # The signal that stopped the last run, and the handler it replaced (submitit's, in a
+    # SLURM job): see pass_on_signal.
+    last: tuple[int, Any] | None = None
+
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         self.signum = signum
+        StopOnSignal.last = (signum, self.previous.get(signum))
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self) -> StopOnSignal:
+        StopOnSignal.last = None
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -179,6 +185,32 @@ def sweep_stopped() -> bool:
     """In a sweep's job: has the sweep been stopped?"""
     path = sweep_stop_file()
     return path is not None and path.exists()
+
+
+def pass_on_signal(job: str) -> None:
+    """In a sweep's job that a signal stopped, once its checkpoint and summary are written:
+    the signal to the handler gradexp's replaced while training. In a SLURM job that is
+    submitit's: on the time-limit or preemption signal (SIGUSR2) it requeues the job
+    (``hydra.launcher.max_num_timeout`` times for time-outs), and the job, run again,
+    continues from its checkpoint (gradexp.checkpoint.continuation); when submitit will
+    not requeue it says why (one line) and the job ends interrupted, to be resumed. On
+    SIGTERM (SLURM stopping the job) the process exits without a result."""
+    last = StopOnSignal.last
+    if last is None:
+        return
+    signum, handler = last
+    owner = type(getattr(handler, "__self__", None)).__module__
+    if not owner.startswith("submitit."):  # another launcher's handler (Ray's): not ours to call
+        return
+    if signum == signal.SIGTERM:
+        # SLURM itself is stopping the job (a preemption, `scontrol requeue`): what comes
+        # next is SLURM's to decide. No result to submitit, whose driver then waits for
+        # the job's next run (which continues from the checkpoint).
+        raise SystemExit(128 + signum)
+    try:
+        handler(signum, None)  # submitit's requeue exits the process (SystemExit)
+    except Exception as e:  # submitit's UncompletedJobError: "Job not requeued because ..."
+        print(f"{job}: {e}", file=sys.stderr)
 
 
 def in_driver() -> bool:

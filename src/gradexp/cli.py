@@ -47,7 +47,15 @@ def _aliases_help() -> str:
     return aliases_help()
 
 
+def _ray_object_store(address: str | None) -> int | None:
+    """hydra/launcher=ray's object store: the launcher's own 75 MB for a local instance
+    (it sets that unless the key is given); none for an existing cluster, which refuses
+    the setting ("object_store_memory must not be provided")."""
+    return None if address else 78643200
+
+
 OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)
+OmegaConf.register_new_resolver("gradexp_ray_object_store", _ray_object_store, replace=True)
 OmegaConf.register_new_resolver("gradexp_aliases", _aliases_help, replace=True)
 # configs/hydra/launcher/ray.yaml lists the Ray launcher's keys a user sets; Hydra merges
 # it into the plugin's schema of the same name, as intended, and warns that it does.
@@ -195,7 +203,13 @@ def _run_job(
     """The job in its claimed run dir; returns what the sweeper reads (``value``)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from gradexp.checkpoint import NOT_STARTED, in_driver, stop_sweep, sweep_stopped
+    from gradexp.checkpoint import (
+        NOT_STARTED,
+        in_driver,
+        pass_on_signal,
+        stop_sweep,
+        sweep_stopped,
+    )
     from gradexp.config import to_config
     from gradexp.rundir import minimal_summary, record_failure, write_summary
     from gradexp.train import NonFiniteError, run
@@ -229,7 +243,8 @@ def _run_job(
             raise SystemExit(130)
         if in_driver():  # the driver's own signal: the jobs after this one do not start
             stop_sweep()
-        # elsewhere (SLURM preempted this job, or timed it out) the stop is this job's
+        else:  # this job's own stop (SLURM's): its launcher may requeue it
+            pass_on_signal(f"gradexp: job {HydraConfig.get().job.num} ({output_dir.name})")
         if optimizing:
             raise RuntimeError("interrupted: not a trial's result")
     return value(summary)

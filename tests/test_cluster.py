@@ -1,0 +1,186 @@
+"""Sweeps on a real single-node SLURM cluster (munged, slurmdbd with MariaDB, slurmctld,
+slurmd: scripts/cluster/slurm_local.sh, started and stopped by the fixture) through
+Hydra's submitit launcher: a sweep is one SLURM array; SLURM's time-limit signal to one
+job (SIGUSR2) makes it checkpoint and submitit requeue it, and it ends bit-identical to
+an uninterrupted run; `scontrol requeue` of a running job does the same; a job submitit
+will not requeue ends interrupted, alone, and `gradexp resume SWEEP_DIR` finishes it.
+Root only (CI installs the packages); skipped elsewhere with the reason."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, describe, gradexp_command, load_summary, run_cli
+from slurm_cluster import slurm_cluster
+from test_resume import CONFIG, MACHINE_DEPENDENT, tensorboard_series
+
+pytestmark = pytest.mark.cluster
+
+BASE = [c for c in CONFIG if not c.startswith("trainer.steps=")] + ["trainer.steps=10000"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    with slurm_cluster(tmp_path_factory.mktemp("cluster")) as facts:
+        yield facts
+
+
+def slurm_sweep(tmp_path: Path, sweep: Path, slurm: dict, *extra: str) -> subprocess.Popen:
+    args = [*gradexp_command(), "train", "-m", "hydra/launcher=submitit_slurm",
+            f"hydra.launcher.partition={slurm['partition']}", *BASE, *extra,
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    return subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env(slurm["env"]), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def training(proc: subprocess.Popen, job: Path) -> None:
+    """Wait until the job is inside its training loop (its first checkpoint)."""
+    deadline = time.monotonic() + 180
+    while not (job / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the job did not start"
+        time.sleep(0.2)
+
+
+def slurm_job_ids(sweep: Path) -> list[str]:
+    """The array's tasks, as submitit's folders name them under .submitit/ (14_0, 14_1;
+    the array's own folder, 14, holds the submission)."""
+    names = [p.name for p in (sweep / ".submitit").iterdir()]
+    return sorted(n for n in names if re.fullmatch(r"\d+_\d+", n))
+
+
+def sacct_states(job: str, slurm: dict) -> list[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "--format=State"],
+                         capture_output=True, text=True, env={**os.environ, **slurm["env"]},
+                         check=True).stdout  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run, never interrupted, on this machine (the basic launcher)."""
+    root = tmp_path_factory.mktemp("whole")
+    proc = run_cli(["train", *BASE, "seed=0", f"hydra.run.dir={root / 'run'}"], root)
+    assert proc.returncode == 0, describe(proc)
+    return root / "run"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = load_summary(a), load_summary(b)
+    for key in sa:
+        if key not in MACHINE_DEPENDENT:
+            assert sa[key] == sb[key], key
+    ma = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
+    mb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert tensorboard_series(a, "loss/train") == tensorboard_series(b, "loss/train")
+
+
+def test_a_time_limit_signal_to_one_job_requeues_it_alone(tmp_path, slurm, whole):
+    """A two-job sweep is one SLURM array. SIGUSR2 (what SLURM sends before the time
+    limit) to job 0 only: it checkpoints, submitit requeues it (a preemption: within
+    its budget), it continues from the checkpoint; job 1 runs on untouched; the sweep
+    exits 0 and job 0 ends bit-identical to an uninterrupted run, one series."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    assert len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1"), ids  # one array
+    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
+                   check=True)  # fmt: skip
+    done = finish(proc)
+    assert done.returncode == 0, describe(done)
+    assert "Traceback" not in done.stderr
+    assert sacct_states(ids[0], slurm)[0] == "REQUEUED"
+    assert sacct_states(ids[1], slurm) == ["COMPLETED"]
+    log = (sweep / "0_seed=0" / "train.log").read_text()
+    assert "signal 12: stopping before step" in log
+    assert_same_run(whole, sweep / "0_seed=0")
+    assert load_summary(sweep / "1_seed=1")["status"] == "completed"
+
+
+def test_scontrol_requeue_continues_from_the_checkpoint(tmp_path, slurm, whole):
+    """What a preemptible partition does to a running job: SLURM stops it (SIGTERM: the
+    job checkpoints) and runs it again, which continues from that checkpoint instead of
+    starting over; it ends bit-identical to an uninterrupted run, one series."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    subprocess.run(["scontrol", "requeue", ids[0]], env={**os.environ, **slurm["env"]},
+                   check=True)  # fmt: skip
+    done = finish(proc)
+    assert done.returncode == 0, describe(done)
+    assert sacct_states(ids[0], slurm)[0] == "REQUEUED"
+    err = "".join(p.read_text() for p in (sweep / ".submitit" / ids[0]).glob("*_log.err"))
+    assert "(0_seed=0): run again: continuing from its checkpoint" in err
+    assert_same_run(whole, sweep / "0_seed=0")
+
+
+def time_limit(max_num_timeout: int) -> list[str]:
+    """Three minutes, SLURM's warning (SIGUSR2) 30 s before: not before the jobs end."""
+    return ["hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=30",
+            f"hydra.launcher.max_num_timeout={max_num_timeout}"]  # fmt: skip
+
+
+def test_a_time_out_within_max_num_timeout_is_requeued_and_finishes(tmp_path, slurm, whole):
+    """max_num_timeout=1: the time-limit signal to job 0 (a time-out to submitit: its
+    limit is under 10 minutes) checkpoints it and submitit requeues it; it finishes
+    bit-identical to an uninterrupted run, and the sweep exits 0."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", *time_limit(max_num_timeout=1))
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
+                   check=True)  # fmt: skip
+    done = finish(proc)
+    assert done.returncode == 0, describe(done)
+    err = "".join(p.read_text() for p in (sweep / ".submitit" / ids[0]).glob("*_log.err"))
+    assert "this job is timed-out" in err  # not a preemption: a time-out, requeued
+    assert "(0_seed=0): run again: continuing from its checkpoint" in err
+    assert_same_run(whole, sweep / "0_seed=0")
+
+
+def test_a_job_not_requeued_stops_alone_and_gradexp_resume_finishes_it(tmp_path, slurm):
+    """A three-minute limit (submitit counts any signal under 10 minutes as a time-out)
+    and no time-outs allowed (max_num_timeout=0): the time-limit signal makes job 0
+    checkpoint, submitit says why it does not requeue it, the job ends interrupted; job
+    1 finishes; the driver says so and exits 1. `gradexp resume SWEEP_DIR` submits the
+    sweep again: job 1 is not run again, job 0 finishes."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", *time_limit(max_num_timeout=0))
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
+                   check=True)  # fmt: skip
+    done = finish(proc)
+    assert done.returncode == 1, describe(done)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "gradexp: error: the sweep did not finish: 1 finished, 1 stopped (0_seed=0):"
+        f" `gradexp resume {sweep}` finishes the sweep"
+    )
+    assert load_summary(sweep / "0_seed=0")["status"] == "interrupted"
+    resumed = run_cli(["resume", str(sweep)], tmp_path, env=slurm["env"], timeout=300)
+    assert resumed.returncode == 0, describe(resumed)
+    for name in ("0_seed=0", "1_seed=1"):
+        summary = load_summary(sweep / name)
+        assert summary["status"] == "completed" and summary["steps"] == 10000, name
