@@ -51,7 +51,7 @@ def _ray_object_store(address: str | None) -> int | None:
     """hydra/launcher=ray's object store: the launcher's own 75 MB for a local instance
     (it sets that unless the key is given); none for an existing cluster, which refuses
     the setting ("object_store_memory must not be provided")."""
-    return None if address else 78643200
+    return 78643200 if address in (None, "local") else None
 
 
 OmegaConf.register_new_resolver("gradexp_suffix", _dir_suffix, replace=True)

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import NoReturn
@@ -308,6 +309,44 @@ def _check_output_root(key: str, target: Path, args: list[str]) -> None:
             )
 
 
+RAY_ADDRESS_KEY = "hydra.launcher.ray.init.address"
+
+
+def check_ray_address(args: list[str]) -> None:
+    """hydra/launcher=ray joining a cluster: something must answer at its address (Ray's
+    own failure is a traceback after a 20 s wait). auto: a cluster started on this
+    machine (``ray start --head``) or RAY_ADDRESS; HOST:PORT, ray://HOST:PORT: a TCP
+    connection within 5 s."""
+    given = _given(args, RAY_ADDRESS_KEY)
+    if "hydra/launcher=ray" not in parse_args(args).overrides or not given:
+        return
+    address = given[-1]
+    if address in ("local", "None", "null", "") or "${" in address:
+        return
+    if address == "auto":
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if os.environ.get("RAY_ADDRESS") or current.is_file():
+            return
+        raise ConfigError(
+            f"{RAY_ADDRESS_KEY}=auto: no Ray cluster was started on this machine (ray start"
+            " --head) and RAY_ADDRESS is not set; give the cluster's HOST:PORT, or"
+            " address=local for a local instance"
+        )
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"{RAY_ADDRESS_KEY}={address}: not an address; choose local, auto, HOST:PORT or"
+            " ray://HOST:PORT"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"{RAY_ADDRESS_KEY}={address}: nothing answers there ({e.strerror or e}); start"
+            " the cluster (ray start --head) or check its address"
+        ) from None
+
+
 def check_run_dirs(args: list[str], multirun: bool, resume: bool) -> None:
     """A run dir belongs to one run. A single run named by hydra.run.dir takes its lock now,
     before Hydra writes its .hydra/ files, and holds it until the process ends (refused
@@ -414,6 +453,7 @@ def preflight(args: list[str], config_dir: str, config_name: str = "config") -> 
     sweep's jobs one by one, then what Hydra composes before any job (with Hydra's own
     config, without the swept values)."""
     check_plugins(args)
+    check_ray_address(args)
     jobs, multirun = job_overrides(args)
     parsed = parse_args(args)
     if not multirun and (given := _given(args, "hydra.run.dir")):
