@@ -184,3 +184,24 @@ def test_a_job_not_requeued_stops_alone_and_gradexp_resume_finishes_it(tmp_path,
     for name in ("0_seed=0", "1_seed=1"):
         summary = load_summary(sweep / name)
         assert summary["status"] == "completed" and summary["steps"] == 10000, name
+
+
+def test_a_cancelled_job_stops_alone_without_a_traceback(tmp_path, slurm):
+    """`scancel` of one task (SIGTERM, no requeue: its restart count does not move): the
+    task saves its checkpoint and ends interrupted, a result submitit hands back; the
+    other finishes; the driver says so in one line and exits 1."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    subprocess.run(["scancel", ids[0]], env={**os.environ, **slurm["env"]}, check=True)
+    done = finish(proc)
+    assert done.returncode == 1, describe(done)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "gradexp: error: the sweep did not finish: 1 finished, 1 stopped (0_seed=0):"
+        f" `gradexp resume {sweep}` finishes the sweep"
+    )
+    assert sacct_states(ids[0], slurm) == ["CANCELLED"]
+    summary = load_summary(sweep / "0_seed=0")
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 10000

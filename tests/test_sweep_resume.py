@@ -180,14 +180,16 @@ def test_resume_args_are_the_sweeps_own_with_another_launcher_if_asked(tmp_path:
         raise AssertionError("an optuna sweep was not refused")
 
 
-def test_a_jobs_signal_goes_on_to_submitits_handler_only(capsys):
+def test_a_jobs_signal_goes_on_to_submitits_handler_only(capsys, monkeypatch):
     """After the job has saved its checkpoint: SIGUSR2 to submitit's handler (which
-    requeues, or says why not), SIGTERM ends the process without a result (SLURM
-    decides), and another launcher's handler (Ray's) is left alone."""
+    requeues, or says why not); SIGTERM of a job SLURM requeues ends the process without
+    a result (its next run continues), of a cancelled one returns (a result); another
+    launcher's handler (Ray's) is left alone."""
     import signal as sig
 
     import pytest
 
+    from gradexp import checkpoint
     from gradexp.checkpoint import StopOnSignal, pass_on_signal
 
     calls = []
@@ -205,9 +207,13 @@ def test_a_jobs_signal_goes_on_to_submitits_handler_only(capsys):
         "gradexp: job 0 (0_seed=0): Job not requeued because: timed-out too many times.\n"
     )
     StopOnSignal.last = (sig.SIGTERM, Handler().requeue)
+    monkeypatch.setattr(checkpoint, "slurm_requeued", lambda: True)
     with pytest.raises(SystemExit) as stopped:
         pass_on_signal("job")
     assert stopped.value.code == 128 + sig.SIGTERM and calls == [sig.SIGUSR2]
+    monkeypatch.setattr(checkpoint, "slurm_requeued", lambda: False)
+    pass_on_signal("job")  # cancelled: the job returns its (interrupted) result
+    assert calls == [sig.SIGUSR2]
 
     class Other(Handler):
         pass

@@ -203,14 +203,35 @@ def pass_on_signal(job: str) -> None:
     if not owner.startswith("submitit."):  # another launcher's handler (Ray's): not ours to call
         return
     if signum == signal.SIGTERM:
-        # SLURM itself is stopping the job (a preemption, `scontrol requeue`): what comes
-        # next is SLURM's to decide. No result to submitit, whose driver then waits for
-        # the job's next run (which continues from the checkpoint).
-        raise SystemExit(128 + signum)
+        # SLURM itself is stopping the job. Requeued (a preemption, `scontrol requeue`):
+        # no result to submitit, whose driver then waits for the job's next run (which
+        # continues from the checkpoint). Cancelled: the job ends interrupted, a result.
+        if slurm_requeued():
+            raise SystemExit(128 + signum)
+        return
     try:
         handler(signum, None)  # submitit's requeue exits the process (SystemExit)
     except Exception as e:  # submitit's UncompletedJobError: "Job not requeued because ..."
         print(f"{job}: {e}", file=sys.stderr)
+
+
+def slurm_requeued() -> bool:
+    """In a SLURM job that got SIGTERM: is SLURM requeueing it (its restart count is past
+    this run's), rather than cancelling it? When SLURM cannot be asked: assume so, and
+    leave what comes next to SLURM."""
+    import re
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                             timeout=20, check=False).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    found = re.search(r"\bRestarts=(\d+)", out)
+    return found is None or int(found.group(1)) > int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 def in_driver() -> bool:
