@@ -223,3 +223,37 @@ def test_a_jobs_signal_goes_on_to_submitits_handler_only(capsys, monkeypatch):
     pass_on_signal("job")
     assert calls == [sig.SIGUSR2]
     StopOnSignal.last = None
+
+
+def test_a_slurm_stop_before_the_training_loop_is_a_stop(tmp_path, monkeypatch, capsys):
+    """SLURM's signal while the job is still being built (submitit's handler, not yet
+    gradexp's) and submitit will not requeue it: the job is stopped, not failed; its
+    summary.json says so, and a resume starts it again from step 0."""
+    from types import SimpleNamespace
+
+    from gradexp import cli, config, train
+    from gradexp.checkpoint import SWEEP_STOP_ENV, continuation
+    from gradexp.sweep import report
+
+    class UncompletedJobError(Exception):  # submitit's, by name
+        pass
+
+    def stopped(cfg, output_dir):
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    monkeypatch.delenv(SWEEP_STOP_ENV, raising=False)
+    monkeypatch.setattr(config, "to_config", lambda cfg: cfg)
+    monkeypatch.setattr(train, "run", stopped)
+    hydra = SimpleNamespace(job=SimpleNamespace(num=3))
+    monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", lambda: hydra)
+    job = tmp_path / "sweep" / "3_seed=3"
+    (job / ".hydra").mkdir(parents=True)
+    summary = cli._run_job(None, job, True, False, lambda s: s)
+    assert summary["status"] == "interrupted"
+    assert "stopped before training: Job not requeued" in summary["error"]
+    assert capsys.readouterr().err == (
+        "gradexp: job 3 (3_seed=3): Job not requeued because: timed-out too many times.\n"
+    )
+    assert json.loads((job / "summary.json").read_text())["status"] == "interrupted"
+    assert report(job.parent).stopped == ["3_seed=3"]
+    assert continuation(job, 100)[0] == "restart"

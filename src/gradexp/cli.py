@@ -225,6 +225,14 @@ def _run_job(
     except NonFiniteError as e:  # on_nonfinite=raise
         fail(str(e), code=1)
     except Exception as e:
+        if type(e).__name__ == "UncompletedJobError":  # submitit: SLURM's signal before the
+            # training loop (its handler is not gradexp's yet), and no requeue: the job is
+            # stopped, not failed; it starts again from step 0 when resumed
+            summary = minimal_summary("interrupted", f"stopped before training: {e}")
+            write_summary(output_dir, summary)
+            print(f"gradexp: job {HydraConfig.get().job.num} ({output_dir.name}): {e}",
+                  file=sys.stderr)  # fmt: skip
+            return value(summary)
         if isinstance(e, ConfigError) and not multirun:
             fail(str(e))
         if isinstance(e, (RunError, MemoryError)) and not multirun:
