@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import cli_env, describe, gradexp_command, load_summary, run_cli
 from slurm_cluster import slurm_cluster
-from test_resume import CONFIG, MACHINE_DEPENDENT, tensorboard_series
+from test_resume import CONFIG
+from test_sweep_resume import assert_same_run
 
 pytestmark = pytest.mark.cluster
 
@@ -83,15 +83,15 @@ def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    sa, sb = load_summary(a), load_summary(b)
-    for key in sa:
-        if key not in MACHINE_DEPENDENT:
-            assert sa[key] == sb[key], key
-    ma = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
-    mb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert tensorboard_series(a, "loss/train") == tensorboard_series(b, "loss/train")
+def sweep_with_task_0(tmp_path: Path, slurm: dict, command: list[str], *extra: str):
+    """A 2-job sweep (seed=0,1) on SLURM; once task 0 trains, ``command`` + its id (scancel,
+    scontrol requeue ...). Returns (the sweep dir, the tasks' ids, the finished driver)."""
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", *extra)
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    subprocess.run([*command, ids[0]], env={**os.environ, **slurm["env"]}, check=True)
+    return sweep, ids, finish(proc)
 
 
 def test_a_time_limit_signal_to_one_job_requeues_it_alone(tmp_path, slurm, whole):
@@ -99,14 +99,8 @@ def test_a_time_limit_signal_to_one_job_requeues_it_alone(tmp_path, slurm, whole
     limit) to job 0 only: it checkpoints, submitit requeues it (a preemption: within
     its budget), it continues from the checkpoint; job 1 runs on untouched; the sweep
     exits 0 and job 0 ends bit-identical to an uninterrupted run, one series."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
-    training(proc, sweep / "0_seed=0")
-    ids = slurm_job_ids(sweep)
+    sweep, ids, done = sweep_with_task_0(tmp_path, slurm, ["scancel", "--signal=USR2"])
     assert len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1"), ids  # one array
-    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
-                   check=True)  # fmt: skip
-    done = finish(proc)
     assert done.returncode == 0, describe(done)
     assert "Traceback" not in done.stderr
     assert sacct_states(ids[0], slurm)[0] == "REQUEUED"
@@ -121,13 +115,7 @@ def test_scontrol_requeue_continues_from_the_checkpoint(tmp_path, slurm, whole):
     """What a preemptible partition does to a running job: SLURM stops it (SIGTERM: the
     job checkpoints) and runs it again, which continues from that checkpoint instead of
     starting over; it ends bit-identical to an uninterrupted run, one series."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
-    training(proc, sweep / "0_seed=0")
-    ids = slurm_job_ids(sweep)
-    subprocess.run(["scontrol", "requeue", ids[0]], env={**os.environ, **slurm["env"]},
-                   check=True)  # fmt: skip
-    done = finish(proc)
+    sweep, ids, done = sweep_with_task_0(tmp_path, slurm, ["scontrol", "requeue"])
     assert done.returncode == 0, describe(done)
     assert sacct_states(ids[0], slurm)[0] == "REQUEUED"
     err = "".join(p.read_text() for p in (sweep / ".submitit" / ids[0]).glob("*_log.err"))
@@ -145,13 +133,9 @@ def test_a_time_out_within_max_num_timeout_is_requeued_and_finishes(tmp_path, sl
     """max_num_timeout=1: the time-limit signal to job 0 (a time-out to submitit: its
     limit is under 10 minutes) checkpoints it and submitit requeues it; it finishes
     bit-identical to an uninterrupted run, and the sweep exits 0."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", *time_limit(max_num_timeout=1))
-    training(proc, sweep / "0_seed=0")
-    ids = slurm_job_ids(sweep)
-    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
-                   check=True)  # fmt: skip
-    done = finish(proc)
+    sweep, ids, done = sweep_with_task_0(
+        tmp_path, slurm, ["scancel", "--signal=USR2"], *time_limit(max_num_timeout=1)
+    )
     assert done.returncode == 0, describe(done)
     err = "".join(p.read_text() for p in (sweep / ".submitit" / ids[0]).glob("*_log.err"))
     assert "this job is timed-out" in err  # not a preemption: a time-out, requeued
@@ -165,13 +149,9 @@ def test_a_job_not_requeued_stops_alone_and_gradexp_resume_finishes_it(tmp_path,
     checkpoint, submitit says why it does not requeue it, the job ends interrupted; job
     1 finishes; the driver says so and exits 1. `gradexp resume SWEEP_DIR` submits the
     sweep again: job 1 is not run again, job 0 finishes."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", *time_limit(max_num_timeout=0))
-    training(proc, sweep / "0_seed=0")
-    ids = slurm_job_ids(sweep)
-    subprocess.run(["scancel", "--signal=USR2", ids[0]], env={**os.environ, **slurm["env"]},
-                   check=True)  # fmt: skip
-    done = finish(proc)
+    sweep, ids, done = sweep_with_task_0(
+        tmp_path, slurm, ["scancel", "--signal=USR2"], *time_limit(max_num_timeout=0)
+    )
     assert done.returncode == 1, describe(done)
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
@@ -190,12 +170,7 @@ def test_a_cancelled_job_stops_alone_without_a_traceback(tmp_path, slurm):
     """`scancel` of one task (SIGTERM, no requeue: its restart count does not move): the
     task saves its checkpoint and ends interrupted, a result submitit hands back; the
     other finishes; the driver says so in one line and exits 1."""
-    sweep = tmp_path / "sweep"
-    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
-    training(proc, sweep / "0_seed=0")
-    ids = slurm_job_ids(sweep)
-    subprocess.run(["scancel", ids[0]], env={**os.environ, **slurm["env"]}, check=True)
-    done = finish(proc)
+    sweep, ids, done = sweep_with_task_0(tmp_path, slurm, ["scancel"])
     assert done.returncode == 1, describe(done)
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
