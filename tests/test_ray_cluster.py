@@ -9,12 +9,14 @@ answers fails in one line."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +42,17 @@ def ray_head():
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     if ray is None:
         pytest.skip("Ray's `ray` command is not installed")
+    # One head on the machine at a time: another xdist worker's tests of this module wait
+    # for this one's to end (address=auto finds whichever head runs).
+    lock = open(Path(tempfile.gettempdir()) / "gradexp-ray-head.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield from _head(ray)
+    finally:
+        lock.close()
+
+
+def _head(ray: str):
     if CURRENT.exists():
         pytest.skip(f"a Ray cluster already runs on this machine ({CURRENT})")
     start = time.monotonic()
