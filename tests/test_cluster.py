@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from conftest import cli_env, describe, gradexp_command, load_summary, run_cli
 from slurm_cluster import slurm_cluster
 from test_resume import CONFIG
-from test_sweep_resume import assert_same_run
+from test_sweep_resume import assert_same_run, job_pid
 
 pytestmark = pytest.mark.cluster
 
@@ -32,12 +33,18 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
         yield facts
 
 
-def slurm_sweep(tmp_path: Path, sweep: Path, slurm: dict, *extra: str) -> subprocess.Popen:
+def slurm_sweep(
+    tmp_path: Path, sweep: Path, slurm: dict, *extra: str, path: str | None = None
+) -> subprocess.Popen:
+    """The driver of a SLURM sweep; ``path``: a directory put first on its PATH."""
     args = [*gradexp_command(), "train", "-m", "hydra/launcher=submitit_slurm",
             f"hydra.launcher.partition={slurm['partition']}", *BASE, *extra,
             f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = cli_env(slurm["env"])
+    if path is not None:
+        env["PATH"] = os.pathsep.join([path, env["PATH"]])
     return subprocess.Popen(
-        args, cwd=tmp_path, env=cli_env(slurm["env"]), stdout=subprocess.PIPE,
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -180,3 +187,40 @@ def test_a_cancelled_job_stops_alone_without_a_traceback(tmp_path, slurm):
     assert sacct_states(ids[0], slurm) == ["CANCELLED"]
     summary = load_summary(sweep / "0_seed=0")
     assert summary["status"] == "interrupted" and 0 < summary["steps"] < 10000
+
+
+def test_a_job_killed_hard_without_accounting_is_one_line_and_resumes(tmp_path, slurm, whole):
+    """A cluster without accounting (a `sacct` that fails, first on the driver's PATH:
+    submitit then cannot tell a lost job from a running one, and waited forever).
+    SIGKILL to task 0's process once it trains (`scancel --signal=KILL` is a cancel,
+    SIGTERM first, to SLURM): squeue no longer runs the task, so the
+    driver says so in one line, waits for task 1, reports and exits 1, no traceback.
+    `gradexp resume SWEEP_DIR` continues task 0 from its checkpoint and it ends
+    bit-identical to an uninterrupted run, with one TensorBoard series."""
+    fake = tmp_path / "no-accounting"
+    fake.mkdir()
+    (fake / "sacct").write_text(
+        "#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n"
+    )
+    (fake / "sacct").chmod(0o755)
+    start = time.monotonic()
+    sweep = tmp_path / "sweep"
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1", path=str(fake))
+    training(proc, sweep / "0_seed=0")
+    ids = slurm_job_ids(sweep)
+    os.kill(job_pid(sweep / "0_seed=0"), signal.SIGKILL)  # what the OOM killer does
+    done = finish(proc)
+    assert done.returncode == 1, describe(done)
+    assert time.monotonic() - start < 240  # found gone, not waited for forever
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    lost = [line for line in lines if "ended without a result" in line]
+    assert len(lost) == 1 and lost[0].startswith(f"gradexp: job 0 (id {ids[0]}) "), describe(done)
+    assert lines[-1] == (
+        "gradexp: error: the sweep did not finish: 1 finished, 1 without summary.json"
+        f" (0_seed=0): `gradexp resume {sweep}` finishes the sweep"
+    )
+    assert load_summary(sweep / "1_seed=1")["status"] == "completed"
+    resumed = run_cli(["resume", str(sweep)], tmp_path, env=slurm["env"], timeout=300)
+    assert resumed.returncode == 0, describe(resumed)
+    assert_same_run(whole, sweep / "0_seed=0")

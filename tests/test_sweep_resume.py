@@ -257,3 +257,108 @@ def test_a_slurm_stop_before_the_training_loop_is_a_stop(tmp_path, monkeypatch, 
     assert json.loads((job / "summary.json").read_text())["status"] == "interrupted"
     assert report(job.parent).stopped == ["3_seed=3"]
     assert continuation(job, 100)[0] == "restart"
+
+
+def test_a_job_killed_hard_is_one_line_and_the_others_are_waited_for(tmp_path: Path):
+    """submitit_local (the SLURM launcher's path on one machine): SIGKILL to job 0's
+    process once it trains (the OOM killer, `scancel --signal=KILL`, a node lost: no
+    result). The driver says so in one line, waits for job 1 (the plugin raised the
+    first job's error as a traceback and stopped waiting), reports and exits 1;
+    `gradexp resume SWEEP_DIR` continues job 0 from its checkpoint to the end an
+    uninterrupted run reaches, with one TensorBoard series."""
+    sweep, steps = tmp_path / "sweep", 4000
+    args = [*gradexp_command(), "train", "-m", *BASE, f"trainer.steps={steps}", "seed=0,1",
+            "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (sweep / JOBS[0] / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "job 0 did not start"
+            time.sleep(0.05)
+        os.kill(job_pid(sweep / JOBS[0]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert done.returncode == 1, describe(done)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    lost = [line for line in lines if "ended without a result" in line]
+    assert len(lost) == 1 and lost[0].startswith("gradexp: job 0 (id "), describe(done)
+    assert lines[-1] == (
+        f"gradexp: error: the sweep did not finish: 1 finished, 1 without summary.json"
+        f" ({JOBS[0]}): `gradexp resume {sweep}` finishes the sweep"
+    )
+    assert load_summary(sweep / JOBS[1])["status"] == "completed"
+    logs = {p: p.read_text() for p in sweep.glob(".submitit/*/*_log.err")}
+    resumed = run_cli(["resume", str(sweep)], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    # the jobs' own lines are in their logs, as on SLURM
+    err = "".join(
+        p.read_text()[len(logs.get(p, "")) :] for p in sweep.glob(".submitit/*/*_log.err")
+    )
+    assert f"({JOBS[0]}): run again: continuing from its checkpoint" in err
+    assert f"({JOBS[1]}): already completed ({steps} steps): not run again" in err
+    whole = run_cli(["train", *BASE, f"trainer.steps={steps}", "seed=0",
+                     f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)  # fmt: skip
+    assert whole.returncode == 0, describe(whole)
+    assert_same_run(sweep / JOBS[0], tmp_path / "whole")
+
+
+def test_the_report_lists_a_lost_job_that_left_no_directory(tmp_path: Path) -> None:
+    """A job killed while Python was still starting leaves no job directory: the driver's
+    report still counts it, by its number, as unfinished."""
+    from gradexp.sweep import report
+
+    for name, status in (("0_seed=0", "completed"), ("2_seed=2", "interrupted")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": status}))
+    jobs = report(tmp_path, lost=[1, 2])
+    assert (jobs.finished, jobs.stopped, jobs.missing) == (["0_seed=0"], ["2_seed=2"], ["#1"])
+    assert jobs.line(tmp_path) == (
+        f"1 finished, 1 stopped (2_seed=2), 1 without summary.json (#1):"
+        f" `gradexp resume {tmp_path}` finishes the sweep"
+    )
+
+
+def test_a_job_that_raised_before_gradexps_code_is_named_by_its_error(tmp_path, capsys):
+    """A real submitit job whose error came before gradexp's own handling (submitit's
+    time-out handler while Hydra builds the job): one line with the error's last line,
+    a return the sweep reads and goes on, and the summary.json the job could not write
+    (interrupted before training: a resume starts it again)."""
+    import submitit
+
+    from gradexp.checkpoint import SweepStop, continuation
+    from gradexp.launchers import result
+    from gradexp.sweep import report
+
+    sweep = tmp_path / "sweep"
+    for name in ("4_seed=4", "40_seed=40"):  # job 40 is another's
+        (sweep / name / ".hydra").mkdir(parents=True)
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    job = executor.submit(int, "not a number")
+    with SweepStop() as stop:
+        ret = result(job, 4, ["seed=4"], None, sweep)
+    why = "ValueError: invalid literal for int() with base 10: 'not a number'"
+    assert ret.return_value is None and ret.overrides == ["seed=4"]
+    assert stop.lost == {4: why}
+    assert capsys.readouterr().err == (
+        f"gradexp: job 4 (id {job.job_id}) ended without a result ({why});"
+        f" its log: {job.paths.stderr}\n"
+    )
+    summary = load_summary(sweep / "4_seed=4")
+    assert summary["status"] == "interrupted" and summary["steps"] == 0
+    assert summary["error"] == f"ended before training: {why}"
+    assert not (sweep / "40_seed=40" / "summary.json").exists()
+    assert report(sweep).stopped == ["4_seed=4"]
+    assert continuation(sweep / "4_seed=4", 100)[0] == "restart"
+    # killed while training: its checkpoint is what a resume continues from, untouched
+    (sweep / "40_seed=40" / "checkpoint.pt").write_bytes(b"a checkpoint")
+    with SweepStop():
+        result(job, 40, ["seed=40"], "state FAILED", sweep)
+    assert not (sweep / "40_seed=40" / "summary.json").exists()

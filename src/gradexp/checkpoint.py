@@ -116,6 +116,8 @@ class SweepStop:
         self.sweep_dir: Path | None = None
         self.signalled = False
         self.previous: dict[int, Any] = {}
+        # Jobs the launcher saw end without a result (gradexp.launchers), by number: why.
+        self.lost: dict[int, str] = {}
 
     @property
     def path(self) -> Path | None:

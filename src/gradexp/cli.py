@@ -344,7 +344,7 @@ def _train(args: list[str]) -> None:
     sweep_dir = stop.sweep_dir
     if sweep_dir is None:  # --cfg, --info: no sweep ran
         return
-    jobs = report(sweep_dir)
+    jobs = report(sweep_dir, stop.lost)
     if stopped:
         fail(f"the sweep was stopped: {jobs.line(sweep_dir)}", code=130)
     if jobs.unfinished:  # a job's own stop (SLURM preempted it, timed it out), or lost

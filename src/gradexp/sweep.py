@@ -12,6 +12,7 @@ preempted one continues from its checkpoint (gradexp.checkpoint.continuation).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,23 @@ RESUME_SWEEP_ENV = "GRADEXP_RESUME_SWEEP"  # preflight lets this sweep dir hold 
 
 class SweepCallback(Callback):
     """Hydra's callback (configs/config.yaml, hydra.callbacks): the sweep's directory to
-    the driver's stop, once Hydra has resolved it."""
+    the driver's stop, once Hydra has resolved it; gradexp's submitit launchers in place
+    of the plugin's (gradexp.launchers: a job that ends without a result is one line)."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import read_write
+
         from gradexp.checkpoint import SweepStop
 
         if SweepStop.current is not None:
             SweepStop.current.at(Path(str(config.hydra.sweep.dir)))
+        launcher = config.hydra.get("launcher") or {}
+        if str(launcher.get("_target_")).startswith("hydra_plugins.hydra_submitit_launcher."):
+            from gradexp.launchers import PLUGIN_TARGETS
+
+            with read_write(config.hydra.launcher):  # before Hydra makes the launcher
+                target = config.hydra.launcher._target_
+                config.hydra.launcher._target_ = PLUGIN_TARGETS.get(target, target)
 
 
 @dataclass
@@ -59,12 +70,15 @@ class SweepReport:
         return f"{', '.join(parts)}: `gradexp resume {sweep_dir}` finishes the sweep"
 
 
-def report(sweep_dir: Path) -> SweepReport:
-    """Each job directory of ``sweep_dir`` by its summary.json."""
+def report(sweep_dir: Path, lost: Iterable[int] = ()) -> SweepReport:
+    """Each job directory of ``sweep_dir`` by its summary.json; ``lost``: the numbers of
+    jobs that ended without a result, listed as ``#N`` when they left no directory."""
     from gradexp.checkpoint import NOT_STARTED
 
     out = SweepReport()
     jobs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and (d / ".hydra").is_dir()]
+    numbers = {d.name.split("_", 1)[0] for d in jobs}
+    out.missing.extend(f"#{n}" for n in sorted(lost) if str(n) not in numbers)
     for job in sorted(jobs, key=lambda d: (len(d.name.split("_")[0]), d.name)):
         try:
             summary = json.loads((job / SUMMARY_FILE).read_text())

@@ -1,0 +1,195 @@
+"""Hydra's submitit launchers (``submitit_slurm``, ``submitit_local``), waiting for each
+job on its own.
+
+The plugin waits for its jobs in order and raises the first one that ended without a
+result: a job killed hard (``scancel --signal=KILL``, the OOM killer, a node lost) or
+signalled while Python was still starting, before any handler was there. The driver
+then printed submitit's traceback and stopped waiting for the jobs after it, which ran
+on unwatched. Here such a job is one line, every other job is waited for, and the
+driver's report lists it (``gradexp resume SWEEP_DIR`` runs it again).
+
+Without SLURM accounting (no ``sacct``) submitit cannot tell a job that is gone from
+one still running, and waits forever: a job that ``squeue`` no longer lists as active,
+with no result, is gone.
+
+``gradexp.sweep.SweepCallback`` puts the launchers of hydra_plugins.
+gradexp_submitit_launcher, whose ``launch`` is this module's, in place of the plugin's
+own, for a launcher chosen on the command line or in a config alike. Nothing here is
+imported before a sweep with one of them: Hydra imports every plugin at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The plugin's classes, and gradexp's in their place (Hydra makes a launcher only of a
+# class in the hydra_plugins package: src/hydra_plugins/gradexp_submitit_launcher).
+PLUGIN_TARGETS = {
+    f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{name}":
+        f"hydra_plugins.gradexp_submitit_launcher.{name}"
+    for name in ("LocalLauncher", "SlurmLauncher")
+}  # fmt: skip
+POLL_S = 1.0  # how often a job's result file is looked for (submitit's own wait)
+QUEUE_POLL_S = 10.0  # how often squeue is asked, for the jobs sacct does not know
+# SLURM's states of a job that may still write its result (squeue --states).
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+          "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
+          "PREEMPTED"}  # fmt: skip
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> list[Any]:
+    """The plugin's ``BaseSubmititLauncher.launch`` (the same executor, parameters and
+    job arguments), each job then waited for on its own: ``wait`` and ``result``."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    assert launcher.config is not None
+    cluster = launcher._EXECUTOR  # "slurm", "local"
+    params = dict(launcher.params)
+    folder = params.pop("submitit_folder")
+    init = {f"{cluster}_{k}": params.pop(k) for k in ("max_num_timeout",) if k in params}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **init)
+    shared = set(OmegaConf.structured(BaseQueueConf).keys())  # the others are prefixed
+    executor.update_parameters(
+        **{k if k in shared else f"{cluster}_{k}": v for k, v in params.items()}
+    )
+    sweep = launcher.config.hydra.sweep
+    Path(str(sweep.dir)).mkdir(parents=True, exist_ok=True)
+    if "mode" in sweep:
+        os.chmod(str(sweep.dir), mode=int(str(sweep.mode), 8))
+    nums = list(range(first, first + len(job_overrides)))
+    jobs = executor.map_array(
+        launcher,
+        [list(o) for o in job_overrides],
+        ["hydra.sweep.dir"] * len(nums),
+        nums,
+        [f"job_id_for_{n}" for n in nums],
+        [Singleton.get_state()] * len(nums),
+    )
+    gone = wait(jobs)
+    return [
+        result(job, num, overrides, gone.get(job.job_id), Path(str(sweep.dir)))
+        for job, num, overrides in zip(jobs, nums, job_overrides)
+    ]
+
+
+def wait(jobs: Sequence[Any]) -> dict[str, str]:
+    """Until every job is done or gone; the gone ones (by job id) with SLURM's last word
+    on them. submitit's done() reads the result file, and sacct at a growing interval; a
+    SLURM job sacct does not know (no accounting) is gone once squeue has twice not
+    listed it as active (its result file, on a shared filesystem, may lag behind)."""
+    from submitit.slurm.slurm import SlurmJob
+
+    pending = list(jobs)
+    gone: dict[str, str] = {}
+    missed: set[str] = set()  # not active at squeue's last answer
+    asked = time.monotonic()
+    while pending:
+        pending = [j for j in pending if not j.done()]
+        if pending and time.monotonic() - asked >= QUEUE_POLL_S:
+            asked = time.monotonic()
+            blind = [j for j in pending if isinstance(j, SlurmJob) and j.state == "UNKNOWN"]
+            ended = queue_ended(blind)
+            for job in blind:
+                if job.job_id not in ended:
+                    missed.discard(job.job_id)
+                elif job.job_id in missed and not job.done():
+                    gone[job.job_id] = ended[job.job_id]
+                    pending.remove(job)
+                else:
+                    missed.add(job.job_id)
+        if pending:
+            time.sleep(POLL_S)
+    return gone
+
+
+def queue_ended(jobs: Sequence[Any]) -> dict[str, str]:
+    """The ids of those of ``jobs`` that SLURM's controller no longer runs (squeue), with
+    their last state; none when squeue cannot answer (the controller down: keep waiting)."""
+    states = squeue([j.job_id for j in jobs]) if jobs else {}
+    if states is None:  # one id SLURM has forgotten fails the whole query: one at a time
+        states = {}
+        for job in jobs:
+            one = squeue([job.job_id])
+            if one is None:
+                return {}
+            states.update(one)
+    ended = {}
+    for job in jobs:
+        state = states.get(job.job_id, "")
+        if state not in ACTIVE:
+            ended[job.job_id] = f"state {state}" if state else "no longer known to SLURM"
+    return ended
+
+
+def squeue(ids: list[str]) -> dict[str, str] | None:
+    """SLURM's state of each job it still knows of ``ids``; {} when it knows none of one
+    id, None when it cannot answer (or forgot one of several)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T",
+             "--jobs=" + ",".join(ids)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return {} if len(ids) == 1 and "Invalid job id" in out.stderr else None
+    pairs = (line.split(None, 1) for line in out.stdout.splitlines())
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
+def result(job: Any, num: int, overrides: Sequence[str], gone: str | None, sweep_dir: Path) -> Any:
+    """The job's own JobReturn, or, for a job that ended without one, a return of None
+    (the sweep goes on; gradexp.cli's report lists it) after one line saying why. Such a
+    job that had not started training gets the summary.json it could not write."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    if gone is None:
+        try:
+            return job.results()[0]
+        except FailedJobError as e:  # raised in the job before gradexp's own code ran
+            lines = str(e).splitlines()  # the job's traceback, between two lines of dashes
+            rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+            trace = (
+                [x for x in lines[rules[0] + 1 : rules[1]] if x.strip()] if len(rules) > 1 else []
+            )
+            why = trace[-1].strip() if trace else lines[0]
+        except UncompletedJobError:
+            why = f"state {job.state}"
+    else:
+        why = gone
+    from gradexp.checkpoint import SweepStop
+
+    print(f"gradexp: job {num} (id {job.job_id}) ended without a result ({why});"
+          f" its log: {job.paths.stderr}", file=sys.stderr)  # fmt: skip
+    if SweepStop.current is not None:
+        SweepStop.current.lost[num] = why
+    unsaid(sweep_dir, num, why)
+    # COMPLETED, of None: Hydra's sweeper reads it and goes on (an optimizing one cannot
+    # take None for a trial's value, and stops with its error)
+    return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+
+
+def unsaid(sweep_dir: Path, num: int, why: str) -> None:
+    """Job ``num``'s summary.json, when it ended without a result before its training
+    loop (its directory holds no summary and no checkpoint): interrupted at step 0, and
+    why; a resume starts it again. A job killed later keeps its directory as it left it
+    (its checkpoint is what a resume continues from)."""
+    from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE, minimal_summary, write_summary
+
+    for job_dir in sweep_dir.glob(f"{num}*/.hydra"):
+        job_dir = job_dir.parent
+        if job_dir.name.split("_", 1)[0] != str(num):
+            continue
+        if not (job_dir / SUMMARY_FILE).exists() and not (job_dir / CHECKPOINT_FILE).exists():
+            write_summary(job_dir, minimal_summary("interrupted", f"ended before training: {why}"))
