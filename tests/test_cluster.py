@@ -3,8 +3,9 @@ slurmd: scripts/cluster/slurm_local.sh, started and stopped by the fixture) thro
 Hydra's submitit launcher: a sweep is one SLURM array; SLURM's time-limit signal to one
 job (SIGUSR2) makes it checkpoint and submitit requeue it, and it ends bit-identical to
 an uninterrupted run; `scontrol requeue` of a running job does the same; a job submitit
-will not requeue ends interrupted, alone, and `gradexp resume SWEEP_DIR` finishes it.
-Root only (CI installs the packages); skipped elsewhere with the reason."""
+will not requeue ends interrupted, alone, and `gradexp resume SWEEP_DIR` finishes it; a
+job killed hard (also without accounting) or signalled while Python starts is one line
+of the driver's, never a traceback. Root only (CI installs the packages); skipped elsewhere with the reason."""
 
 from __future__ import annotations
 
@@ -224,3 +225,34 @@ def test_a_job_killed_hard_without_accounting_is_one_line_and_resumes(tmp_path, 
     resumed = run_cli(["resume", str(sweep)], tmp_path, env=slurm["env"], timeout=300)
     assert resumed.returncode == 0, describe(resumed)
     assert_same_run(whole, sweep / "0_seed=0")
+
+
+def test_a_signal_while_the_job_starts_never_gives_a_traceback(tmp_path, slurm):
+    """SLURM's signal (SIGUSR2) to task 0 the moment its step starts (its log appears),
+    while Python is still starting: whichever handler is there yet (none: the process
+    dies, seen here; submitit's: it requeues a preemption; gradexp's: it checkpoints),
+    the driver prints no traceback, and the sweep finishes, or says in one line that
+    `gradexp resume SWEEP_DIR` will, and that finishes it."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, **slurm["env"]}
+    proc = slurm_sweep(tmp_path, sweep, slurm, "seed=0,1")
+    deadline = time.monotonic() + 120
+    while not (logs := list(sweep.glob(".submitit/*_0/*_0_log.err"))):  # its step started
+        assert time.monotonic() < deadline and proc.poll() is None, "task 0 did not start"
+        time.sleep(0.02)
+    task = logs[0].parent.name
+    subprocess.run(["scancel", "--signal=USR2", task], env=env, check=True)
+    done = finish(proc)
+    assert "Traceback" not in done.stderr, describe(done)
+    if done.returncode != 0:
+        assert done.returncode == 1, describe(done)
+        assert (
+            done.stderr.strip()
+            .splitlines()[-1]
+            .startswith("gradexp: error: the sweep did not finish: 1 finished,")
+        ), describe(done)
+        resumed = run_cli(["resume", str(sweep)], tmp_path, env=slurm["env"], timeout=300)
+        assert resumed.returncode == 0, describe(resumed)
+    for name in ("0_seed=0", "1_seed=1"):
+        summary = load_summary(sweep / name)
+        assert summary["status"] == "completed" and summary["steps"] == 10000, name
