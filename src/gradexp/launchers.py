@@ -74,77 +74,50 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
         [f"job_id_for_{n}" for n in nums],
         [Singleton.get_state()] * len(nums),
     )
-    gone = wait(jobs)
+    # In order, as the plugin does (one job's files polled at a time), but to the end.
     return [
-        result(job, num, overrides, gone.get(job.job_id), Path(str(sweep.dir)))
+        result(job, num, overrides, wait(job), Path(str(sweep.dir)))
         for job, num, overrides in zip(jobs, nums, job_overrides)
     ]
 
 
-def wait(jobs: Sequence[Any]) -> dict[str, str]:
-    """Until every job is done or gone; the gone ones (by job id) with SLURM's last word
-    on them. submitit's done() reads the result file, and sacct at a growing interval; a
-    SLURM job sacct does not know (no accounting) is gone once squeue has twice not
+def wait(job: Any) -> str | None:
+    """Until ``job`` is done (None), or gone: SLURM's last word on it. submitit's done()
+    looks for the result file, and asks sacct at a growing interval; a SLURM job sacct
+    does not know (no accounting) is gone once squeue has twice, QUEUE_POLL_S apart, not
     listed it as active (its result file, on a shared filesystem, may lag behind)."""
     from submitit.slurm.slurm import SlurmJob
 
-    pending = list(jobs)
-    gone: dict[str, str] = {}
-    missed: set[str] = set()  # not active at squeue's last answer
+    missed = False  # not active at squeue's last answer
     asked = time.monotonic()
-    while pending:
-        pending = [j for j in pending if not j.done()]
-        if pending and time.monotonic() - asked >= QUEUE_POLL_S:
+    while not job.done():
+        if isinstance(job, SlurmJob) and time.monotonic() - asked >= QUEUE_POLL_S:
             asked = time.monotonic()
-            blind = [j for j in pending if isinstance(j, SlurmJob) and j.state == "UNKNOWN"]
-            ended = queue_ended(blind)
-            for job in blind:
-                if job.job_id not in ended:
-                    missed.discard(job.job_id)
-                elif job.job_id in missed and not job.done():
-                    gone[job.job_id] = ended[job.job_id]
-                    pending.remove(job)
-                else:
-                    missed.add(job.job_id)
-        if pending:
-            time.sleep(POLL_S)
-    return gone
+            ended = ended_state(job.job_id) if job.state == "UNKNOWN" else None
+            if ended is not None and missed and not job.done():
+                return ended
+            missed = ended is not None
+        time.sleep(POLL_S)
+    return None
 
 
-def queue_ended(jobs: Sequence[Any]) -> dict[str, str]:
-    """The ids of those of ``jobs`` that SLURM's controller no longer runs (squeue), with
-    their last state; none when squeue cannot answer (the controller down: keep waiting)."""
-    states = squeue([j.job_id for j in jobs]) if jobs else {}
-    if states is None:  # one id SLURM has forgotten fails the whole query: one at a time
-        states = {}
-        for job in jobs:
-            one = squeue([job.job_id])
-            if one is None:
-                return {}
-            states.update(one)
-    ended = {}
-    for job in jobs:
-        state = states.get(job.job_id, "")
-        if state not in ACTIVE:
-            ended[job.job_id] = f"state {state}" if state else "no longer known to SLURM"
-    return ended
-
-
-def squeue(ids: list[str]) -> dict[str, str] | None:
-    """SLURM's state of each job it still knows of ``ids``; {} when it knows none of one
-    id, None when it cannot answer (or forgot one of several)."""
+def ended_state(job_id: str) -> str | None:
+    """How SLURM's controller says the job ended (squeue), or None while it is active or
+    squeue cannot answer (the controller down: keep waiting)."""
     try:
         out = subprocess.run(
-            ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T",
-             "--jobs=" + ",".join(ids)],
+            ["squeue", "--noheader", "--array", "--states=all", "--format=%T",
+             f"--jobs={job_id}"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
-        return {} if len(ids) == 1 and "Invalid job id" in out.stderr else None
-    pairs = (line.split(None, 1) for line in out.stdout.splitlines())
-    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+    if out.returncode != 0:  # it forgot the job (MinJobAge), or cannot answer
+        return "no longer known to SLURM" if "Invalid job id" in out.stderr else None
+    state = out.stdout.strip()
+    if not state:
+        return "no longer known to SLURM"
+    return None if state in ACTIVE else f"state {state}"
 
 
 def result(job: Any, num: int, overrides: Sequence[str], gone: str | None, sweep_dir: Path) -> Any:
