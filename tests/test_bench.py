@@ -124,3 +124,21 @@ def test_hessian_free_benchmark_times_a_product_per_family():
     ratio = r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)"
     for row in rows.values():  # G v's ratio, then the HF step's, its CG iterations between
         assert re.search(rf" {ratio} .* \d+ +{ratio}$", row), row
+
+
+def run_launcher_bench(*args: str, env: dict[str, str] | None = None) -> str:
+    script = REPO_ROOT / "scripts" / "bench_launchers.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--jobs", "2", "--repeats", "1", *args],
+        capture_output=True, text=True, env=cli_env(env), timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_launcher_benchmark_times_each_launcher_against_basic():
+    out = run_launcher_bench("--launchers", "submitit_local")
+    assert re.search(r"^basic: \d+\.\d s per sweep \(range ", out, re.M), out
+    assert re.search(r"^submitit_local: \d+\.\d s per sweep .* s per job against basic$", out,
+                     re.M), out  # fmt: skip

@@ -5,7 +5,8 @@ job (SIGUSR2) makes it checkpoint and submitit requeue it, and it ends bit-ident
 an uninterrupted run; `scontrol requeue` of a running job does the same; a job submitit
 will not requeue ends interrupted, alone, and `gradexp resume SWEEP_DIR` finishes it; a
 job killed hard (also without accounting) or signalled while Python starts is one line
-of the driver's, never a traceback. Root only (CI installs the packages); skipped elsewhere with the reason."""
+of the driver's, never a traceback; the launcher benchmark's SLURM arm runs. Root only
+(CI installs the packages); skipped elsewhere with the reason."""
 
 from __future__ import annotations
 
@@ -256,3 +257,13 @@ def test_a_signal_while_the_job_starts_never_gives_a_traceback(tmp_path, slurm):
     for name in ("0_seed=0", "1_seed=1"):
         summary = load_summary(sweep / name)
         assert summary["status"] == "completed" and summary["steps"] == 10000, name
+
+
+def test_the_launcher_benchmark_times_slurm_against_basic(slurm):
+    from test_bench import run_launcher_bench
+
+    out = run_launcher_bench(
+        "--launchers", "submitit_slurm", "--partition", slurm["partition"], env=slurm["env"]
+    )
+    assert re.search(r"^submitit_slurm: \d+\.\d s per sweep .* s per job against basic$", out,
+                     re.M), out  # fmt: skip
