@@ -2,8 +2,8 @@
 job on its own.
 
 The plugin waits for its jobs in order and raises the first one that ended without a
-result: a job killed hard (``scancel --signal=KILL``, the OOM killer, a node lost) or
-signalled while Python was still starting, before any handler was there. The driver
+result: a job killed hard (the OOM killer, a node lost) or signalled while Python was
+still starting, before any handler was there. The driver
 then printed submitit's traceback and stopped waiting for the jobs after it, which ran
 on unwatched. Here such a job is one line, every other job is waited for, and the
 driver's report lists it (``gradexp resume SWEEP_DIR`` runs it again).
@@ -20,6 +20,7 @@ imported before a sweep with one of them: Hydra imports every plugin at start-up
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ PLUGIN_TARGETS = {
         f"hydra_plugins.gradexp_submitit_launcher.{name}"
     for name in ("LocalLauncher", "SlurmLauncher")
 }  # fmt: skip
+log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a job's result file is looked for (submitit's own wait)
 QUEUE_POLL_S = 10.0  # how often squeue is asked, for the jobs sacct does not know
 # SLURM's states of a job that may still write its result (squeue --states).
@@ -48,6 +50,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
     job arguments), each job then waited for on its own: ``wait`` and ``result``."""
     import submitit
     from hydra.core.singleton import Singleton
+    from hydra.core.utils import filter_overrides
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
@@ -62,10 +65,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
         **{k if k in shared else f"{cluster}_{k}": v for k, v in params.items()}
     )
     sweep = launcher.config.hydra.sweep
+    log.info(f"Submitit '{cluster}' sweep output dir : {sweep.dir}")
     Path(str(sweep.dir)).mkdir(parents=True, exist_ok=True)
     if "mode" in sweep:
         os.chmod(str(sweep.dir), mode=int(str(sweep.mode), 8))
     nums = list(range(first, first + len(job_overrides)))
+    for num, overrides in zip(nums, job_overrides):
+        log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
     jobs = executor.map_array(
         launcher,
         [list(o) for o in job_overrides],
