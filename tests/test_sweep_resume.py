@@ -22,8 +22,10 @@ JOBS = ["0_seed=0", "1_seed=1"]
 SWEEP = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1"]
 
 
-def start_sweep(tmp_path: Path, sweep: Path, steps: int) -> subprocess.Popen[str]:
-    args = [*gradexp_command(), "train", "-m", *BASE, f"trainer.steps={steps}", *SWEEP,
+def start_sweep(
+    tmp_path: Path, sweep: Path, steps: int, launcher: list[str] = SWEEP
+) -> subprocess.Popen[str]:
+    args = [*gradexp_command(), "train", "-m", *BASE, f"trainer.steps={steps}", *launcher,
             f"hydra.sweep.dir={sweep}"]  # fmt: skip
     return subprocess.Popen(
         args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -36,6 +38,19 @@ def wait_for_checkpoints(proc: subprocess.Popen[str], sweep: Path) -> None:
     while not all((sweep / job / "checkpoint.pt").exists() for job in JOBS):
         assert time.monotonic() < deadline and proc.poll() is None, "the jobs did not start"
         time.sleep(0.05)
+
+
+def signal_job_0(proc: subprocess.Popen[str], sweep: Path, signum: int):
+    """``signum`` to job 0's process once both jobs train; the driver, run to its end."""
+    try:
+        wait_for_checkpoints(proc, sweep)
+        os.kill(job_pid(sweep / JOBS[0]), signum)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def job_pid(job_dir: Path) -> int:
@@ -91,19 +106,10 @@ def test_one_jobs_stop_is_that_jobs(tmp_path: Path) -> None:
     with a checkpoint, the other finishes, the driver says which did what and exits 1;
     `gradexp resume SWEEP_DIR` then finishes the stopped one and leaves the other."""
     sweep = tmp_path / "sweep"
-    proc = start_sweep(tmp_path, sweep, 10000)
-    try:
-        wait_for_checkpoints(proc, sweep)
-        os.kill(job_pid(sweep / JOBS[0]), signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done = signal_job_0(start_sweep(tmp_path, sweep, 10000), sweep, signal.SIGTERM)
     assert done.returncode == 1, describe(done)
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
         f"gradexp: error: the sweep did not finish: 1 finished, 1 stopped ({JOBS[0]}):"
         f" `gradexp resume {sweep}` finishes the sweep"
     )
@@ -267,27 +273,11 @@ def test_a_job_killed_hard_is_one_line_and_the_others_are_waited_for(tmp_path: P
     `gradexp resume SWEEP_DIR` continues job 0 from its checkpoint to the end an
     uninterrupted run reaches, with one TensorBoard series."""
     sweep, steps = tmp_path / "sweep", 4000
-    args = [*gradexp_command(), "train", "-m", *BASE, f"trainer.steps={steps}", "seed=0,1",
-            "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (sweep / JOBS[0] / "checkpoint.pt").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "job 0 did not start"
-            time.sleep(0.05)
-        os.kill(job_pid(sweep / JOBS[0]), signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    launcher = ["seed=0,1", "hydra/launcher=submitit_local"]
+    done = signal_job_0(start_sweep(tmp_path, sweep, steps, launcher), sweep, signal.SIGKILL)
     assert done.returncode == 1, describe(done)
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
     lost = [line for line in lines if "ended without a result" in line]
     assert len(lost) == 1 and lost[0].startswith("gradexp: job 0 (id "), describe(done)
     assert lines[-1] == (
