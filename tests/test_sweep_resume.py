@@ -352,3 +352,27 @@ def test_a_job_that_raised_before_gradexps_code_is_named_by_its_error(tmp_path, 
     with SweepStop():
         result(job, 40, ["seed=40"], "state FAILED", sweep)
     assert not (sweep / "40_seed=40" / "summary.json").exists()
+
+
+def test_gradexp_resume_of_a_job_stopped_before_training_starts_it(tmp_path: Path) -> None:
+    """`gradexp resume JOB_DIR` of a job that ended before its training loop (the summary
+    the driver writes for it: interrupted at step 0, no checkpoint) starts it from step 0
+    and says so; TensorBoard shows one series, the whole run's. One stopped later
+    without its checkpoint still has nothing to continue from."""
+    run = tmp_path / "run"
+    proc = run_cli(["train", *BASE, "trainer.steps=300", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    whole_series = tensorboard_series(run, "loss/train")
+    (run / "checkpoint.pt").unlink()
+    stopped = {"status": "interrupted", "error": "ended before training: state FAILED",
+               "steps": 0, "verdicts": []}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(stopped))
+    resumed = run_cli(["resume", str(run)], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"gradexp: {run} stopped before training: starting it from step 0" in resumed.stderr
+    assert load_summary(run)["status"] == "completed"
+    assert tensorboard_series(run, "loss/train") == whole_series
+    (run / "checkpoint.pt").unlink()
+    (run / "summary.json").write_text(json.dumps({**stopped, "steps": 120}))
+    again = run_cli(["resume", str(run)], tmp_path)
+    assert again.returncode == 2 and f"no checkpoint.pt in {run}" in again.stderr, describe(again)

@@ -304,11 +304,11 @@ RESUME_MAY_CHANGE = (
 def resume_state(checkpoint: Path, cfg: Config) -> dict[str, Any] | None:
     """The checkpoint a resumed run continues from; ConfigError when there is none to
     continue (no checkpoint, or one already at the last step) or when ``cfg`` differs
-    from the config it was trained with. None: a sweep's job that never started."""
+    from the config it was trained with. None: a run stopped before its loop."""
     steps = cfg.trainer.steps
     if not checkpoint.is_file():
         if never_started(checkpoint.parent):
-            return None  # a sweep stopped before this job began: it starts from step 0
+            return None  # stopped before its loop: it starts from step 0
         raise ConfigError(f"trainer.resume=true: no {checkpoint.name} in {checkpoint.parent}")
     state = load(checkpoint)
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -341,9 +341,11 @@ NOT_STARTED = "the sweep was stopped before this job started"
 
 
 def never_started(run_dir: Path) -> bool:
-    """A job that a stopped sweep never started (its summary.json says so)."""
+    """A run stopped before its training loop: its summary.json says interrupted at step
+    0 (a job a stopped sweep never started, one SLURM signalled or killed while it was
+    being built). Resuming it is starting it: there is nothing to continue."""
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return summary.get("status") == "interrupted" and summary.get("error") == NOT_STARTED
+    return summary.get("status") == "interrupted" and summary.get("steps") == 0

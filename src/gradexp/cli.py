@@ -386,6 +386,12 @@ def _resume(args: list[str]) -> None:
         for o in yaml.safe_load(saved.read_text()) or []  # as written: no interpolation
         if str(o).split("=", 1)[0].lstrip("+~") not in {*given, "trainer.resume"}
     ]
+    from gradexp.checkpoint import never_started
+    from gradexp.rundir import CHECKPOINT_FILE
+
+    if not (run_dir / CHECKPOINT_FILE).exists() and never_started(run_dir):
+        print(f"gradexp: {run_dir} stopped before training: starting it from step 0",
+              file=sys.stderr)  # fmt: skip
     _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])
 
 
