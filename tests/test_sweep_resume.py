@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import cli_env, describe, gradexp_command, load_summary, run_cli
@@ -343,7 +345,7 @@ def test_a_job_that_raised_before_gradexps_code_is_named_by_its_error(tmp_path, 
     )
     summary = load_summary(sweep / "4_seed=4")
     assert summary["status"] == "interrupted" and summary["steps"] == 0
-    assert summary["error"] == f"ended before training: {why}"
+    assert summary["error"] == f"ended before its first checkpoint: {why}"
     assert not (sweep / "40_seed=40" / "summary.json").exists()
     assert report(sweep).stopped == ["4_seed=4"]
     assert continuation(sweep / "4_seed=4", 100)[0] == "restart"
@@ -352,6 +354,34 @@ def test_a_job_that_raised_before_gradexps_code_is_named_by_its_error(tmp_path, 
     with SweepStop():
         result(job, 40, ["seed=40"], "state FAILED", sweep)
     assert not (sweep / "40_seed=40" / "summary.json").exists()
+
+
+def test_a_job_gone_without_a_result_file(tmp_path, capsys):
+    """squeue said the job ended and no result file comes: lost, one line. To an
+    optimizing sweeper (optuna) a failed trial: its max_failure_rate decides, as for a
+    trial that stopped. A result file that comes late (a shared filesystem) is read."""
+    import submitit
+
+    from gradexp.checkpoint import SweepStop
+    from gradexp.launchers import result
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    job = executor.submit(int, "7")
+    job.wait()
+    saved = job.paths.result_pickle.with_suffix(".saved")
+    job.paths.result_pickle.rename(saved)
+    job._results_timeout_s = 0  # submitit's wait for a late file (15 s), not needed here
+    with SweepStop() as stop:
+        failed = result(job, 5, ["seed=5"], "state NODE_FAIL", tmp_path, optimizing=True)
+    assert stop.lost == {5: "state NODE_FAIL"}
+    with pytest.raises(RuntimeError, match=r"^ended without a result \(state NODE_FAIL\): not"):
+        _ = failed.return_value
+    assert "gradexp: job 5 (id " in capsys.readouterr().err
+    job._results_timeout_s = 5
+    threading.Timer(1.0, saved.rename, [job.paths.result_pickle]).start()
+    with SweepStop() as stop:
+        assert result(job, 5, ["seed=5"], "state COMPLETED", tmp_path) == 7
+    assert stop.lost == {} and "ended without a result" not in capsys.readouterr().err
 
 
 def test_gradexp_resume_of_a_job_stopped_before_training_starts_it(tmp_path: Path) -> None:
@@ -364,12 +394,15 @@ def test_gradexp_resume_of_a_job_stopped_before_training_starts_it(tmp_path: Pat
     assert proc.returncode == 0, describe(proc)
     whole_series = tensorboard_series(run, "loss/train")
     (run / "checkpoint.pt").unlink()
-    stopped = {"status": "interrupted", "error": "ended before training: state FAILED",
+    stopped = {"status": "interrupted", "error": "ended before its first checkpoint: state FAILED",
                "steps": 0, "verdicts": []}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(stopped))
     resumed = run_cli(["resume", str(run)], tmp_path)
     assert resumed.returncode == 0, describe(resumed)
-    assert f"gradexp: {run} stopped before training: starting it from step 0" in resumed.stderr
+    assert (
+        f"gradexp: {run} stopped before its first checkpoint: starting it from step 0"
+        in resumed.stderr
+    )
     assert load_summary(run)["status"] == "completed"
     assert tensorboard_series(run, "loss/train") == whole_series
     (run / "checkpoint.pt").unlink()

@@ -390,7 +390,7 @@ def _resume(args: list[str]) -> None:
     from gradexp.rundir import CHECKPOINT_FILE
 
     if not (run_dir / CHECKPOINT_FILE).exists() and never_started(run_dir):
-        print(f"gradexp: {run_dir} stopped before training: starting it from step 0",
+        print(f"gradexp: {run_dir} stopped before its first checkpoint: starting it from step 0",
               file=sys.stderr)  # fmt: skip
     _train([*overrides, *extra, f"hydra.run.dir={_quote(str(run_dir))}", "trainer.resume=true"])
 

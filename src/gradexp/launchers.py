@@ -39,10 +39,11 @@ PLUGIN_TARGETS = {
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a job's result file is looked for (submitit's own wait)
 QUEUE_POLL_S = 10.0  # how often squeue is asked, for the jobs sacct does not know
-# SLURM's states of a job that may still write its result (squeue --states).
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-          "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-          "PREEMPTED"}  # fmt: skip
+# SLURM's states of a job that has ended (squeue --states): any other may yet write its
+# result (PREEMPTED too: a preempted job may be requeued; one cancelled leaves squeue
+# after MinJobAge, and is gone then).
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+         "OUT_OF_MEMORY", "TIMEOUT"}  # fmt: skip
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> list[Any]:
@@ -80,18 +81,20 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
         [f"job_id_for_{n}" for n in nums],
         [Singleton.get_state()] * len(nums),
     )
+    optimizing = launcher.config.hydra.sweeper.get("direction") is not None  # optuna
     # In order, as the plugin does (one job's files polled at a time), but to the end.
     return [
-        result(job, num, overrides, wait(job), Path(str(sweep.dir)))
+        result(job, num, overrides, wait(job), Path(str(sweep.dir)), optimizing)
         for job, num, overrides in zip(jobs, nums, job_overrides)
     ]
 
 
 def wait(job: Any) -> str | None:
     """Until ``job`` is done (None), or gone: SLURM's last word on it. submitit's done()
-    looks for the result file, and asks sacct at a growing interval; a SLURM job sacct
-    does not know (no accounting) is gone once squeue has twice, QUEUE_POLL_S apart, not
-    listed it as active (its result file, on a shared filesystem, may lag behind)."""
+    looks for the result file, and asks sacct at a growing interval, which may not know
+    the job (no accounting) or may have stopped answering (slurmdbd down: its last state
+    is kept). So a SLURM job that squeue has twice, QUEUE_POLL_S apart, said has ended
+    (or no longer knows), without a result file, is gone."""
     from submitit.slurm.slurm import SlurmJob
 
     missed = False  # not active at squeue's last answer
@@ -99,7 +102,7 @@ def wait(job: Any) -> str | None:
     while not job.done():
         if isinstance(job, SlurmJob) and time.monotonic() - asked >= QUEUE_POLL_S:
             asked = time.monotonic()
-            ended = ended_state(job.job_id) if job.state == "UNKNOWN" else None
+            ended = ended_state(job.job_id)
             if ended is not None and missed and not job.done():
                 return ended
             missed = ended is not None
@@ -123,25 +126,38 @@ def ended_state(job_id: str) -> str | None:
     state = out.stdout.strip()
     if not state:
         return "no longer known to SLURM"
-    return None if state in ACTIVE else f"state {state}"
+    return f"state {state}" if state in ENDED else None
 
 
-def result(job: Any, num: int, overrides: Sequence[str], gone: str | None, sweep_dir: Path) -> Any:
-    """The job's own JobReturn, or, for a job that ended without one, a return of None
-    (the sweep goes on; gradexp.cli's report lists it) after one line saying why. Such a
-    job that had not started training gets the summary.json it could not write."""
+def result(
+    job: Any,
+    num: int,
+    overrides: Sequence[str],
+    gone: str | None,
+    sweep_dir: Path,
+    optimizing: bool = False,
+) -> Any:
+    """The job's own JobReturn; for a job that ended without one, one line saying why,
+    then a return the sweep reads: None (gradexp.cli's report lists the job), or for an
+    optimizing sweeper a failed trial (its max_failure_rate decides, as for a job that
+    stopped). Such a job that had saved no checkpoint gets the summary.json it could not
+    write."""
     from hydra.core.utils import JobReturn, JobStatus
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
+    if gone is not None:  # its result file may come late on a shared filesystem
+        deadline = time.monotonic() + job._results_timeout_s  # as long as submitit waits
+        while not job.paths.result_pickle.exists() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        if job.paths.result_pickle.exists():
+            gone = None
     if gone is None:
         try:
             return job.results()[0]
         except FailedJobError as e:  # raised in the job before gradexp's own code ran
-            lines = str(e).splitlines()  # the job's traceback, between two lines of dashes
+            lines = str(e).splitlines()  # the job's traceback, between lines of dashes
             rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
-            trace = (
-                [x for x in lines[rules[0] + 1 : rules[1]] if x.strip()] if len(rules) > 1 else []
-            )
+            trace = [x for x in lines[rules[0] + 1 : rules[-1]] if x.strip()] if rules else []
             why = trace[-1].strip() if trace else lines[0]
         except UncompletedJobError:
             why = f"state {job.state}"
@@ -154,16 +170,17 @@ def result(job: Any, num: int, overrides: Sequence[str], gone: str | None, sweep
     if SweepStop.current is not None:
         SweepStop.current.lost[num] = why
     unsaid(sweep_dir, num, why)
-    # COMPLETED, of None: Hydra's sweeper reads it and goes on (an optimizing one cannot
-    # take None for a trial's value, and stops with its error)
+    if optimizing:
+        error = RuntimeError(f"ended without a result ({why}): not a trial's result")
+        return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=error)
     return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
 
 
 def unsaid(sweep_dir: Path, num: int, why: str) -> None:
-    """Job ``num``'s summary.json, when it ended without a result before its training
-    loop (its directory holds no summary and no checkpoint): interrupted at step 0, and
-    why; a resume starts it again. A job killed later keeps its directory as it left it
-    (its checkpoint is what a resume continues from)."""
+    """Job ``num``'s summary.json, when it ended without a result before its first
+    checkpoint (its directory holds no summary and no checkpoint): interrupted at step
+    0, and why; a resume starts it again. A job killed later keeps its directory as it
+    left it (its checkpoint is what a resume continues from)."""
     from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE, minimal_summary, write_summary
 
     for job_dir in sweep_dir.glob(f"{num}*/.hydra"):
@@ -171,4 +188,6 @@ def unsaid(sweep_dir: Path, num: int, why: str) -> None:
         if job_dir.name.split("_", 1)[0] != str(num):
             continue
         if not (job_dir / SUMMARY_FILE).exists() and not (job_dir / CHECKPOINT_FILE).exists():
-            write_summary(job_dir, minimal_summary("interrupted", f"ended before training: {why}"))
+            write_summary(
+                job_dir, minimal_summary("interrupted", f"ended before its first checkpoint: {why}")
+            )
