@@ -409,3 +409,27 @@ def test_gradexp_resume_of_a_job_stopped_before_training_starts_it(tmp_path: Pat
     (run / "summary.json").write_text(json.dumps({**stopped, "steps": 120}))
     again = run_cli(["resume", str(run)], tmp_path)
     assert again.returncode == 2 and f"no checkpoint.pt in {run}" in again.stderr, describe(again)
+
+
+def test_squeues_word_on_a_job_counts_twice_in_a_row_and_only_for_jobs_it_knew():
+    """gradexp.launchers.Queue: a SLURM job has ended when squeue says so twice in a
+    row (an ended state, or no longer listing a job it listed); a job it never listed
+    (another cluster's) is not concluded on, nor is anything when squeue cannot answer."""
+    from gradexp.launchers import Queue
+
+    queue = Queue(["7_0", "7_1", "7_2"])
+    queue.update({"7_0": "RUNNING", "7_1": "PENDING"})  # 7_2: never listed
+    queue.update({"7_0": "FAILED", "7_1": "REQUEUE_HOLD"})
+    assert [queue.said.get(i) for i in queue.job_ids] == ["state FAILED", None, None]
+    assert queue.strikes == {"7_0": 1, "7_1": 0, "7_2": 0}
+    queue.update(None)  # no answer: nothing moves
+    assert queue.strikes == {"7_0": 1, "7_1": 0, "7_2": 0}
+    queue.update({"7_0": "FAILED", "7_1": "RUNNING"})
+    queue.asked = float("inf")  # no new question: what it has
+    assert queue.ended("7_0") == "state FAILED" and queue.ended("7_2") is None
+    queue.update({})  # it has forgotten all of them (MinJobAge)
+    queue.update({})
+    assert queue.ended("7_1") == "no longer known to SLURM"
+    assert queue.ended("7_2") is None  # never listed: left to submitit
+    queue.update({"7_1": "RUNNING"})  # a job it listed again (requeued): not ended
+    assert queue.ended("7_1") is None

@@ -9,8 +9,8 @@ on unwatched. Here such a job is one line, every other job is waited for, and th
 driver's report lists it (``gradexp resume SWEEP_DIR`` runs it again).
 
 Without SLURM accounting (no ``sacct``) submitit cannot tell a job that is gone from
-one still running, and waits forever: a job that ``squeue`` no longer lists as active,
-with no result, is gone.
+one still running, and waits forever: a job that ``squeue`` says has ended, with no
+result, is gone (``Queue``).
 
 ``gradexp.sweep.SweepCallback`` puts the launchers of hydra_plugins.
 gradexp_submitit_launcher, whose ``launch`` is this module's, in place of the plugin's
@@ -38,7 +38,7 @@ PLUGIN_TARGETS = {
 }  # fmt: skip
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a job's result file is looked for (submitit's own wait)
-QUEUE_POLL_S = 10.0  # how often squeue is asked, for the jobs sacct does not know
+QUEUE_POLL_S = 10.0  # how often squeue is asked about a SLURM sweep's jobs
 # SLURM's states of a job that has ended (squeue --states): any other may yet write its
 # result (PREEMPTED too: a preempted job may be requeued; one cancelled leaves squeue
 # after MinJobAge, and is gone then).
@@ -82,51 +82,78 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) ->
         [Singleton.get_state()] * len(nums),
     )
     optimizing = launcher.config.hydra.sweeper.get("direction") is not None  # optuna
+    queue = Queue([j.job_id for j in jobs]) if cluster == "slurm" else None
     # In order, as the plugin does (one job's files polled at a time), but to the end.
     return [
-        result(job, num, overrides, wait(job), Path(str(sweep.dir)), optimizing)
+        result(job, num, overrides, wait(job, queue), Path(str(sweep.dir)), optimizing)
         for job, num, overrides in zip(jobs, nums, job_overrides)
     ]
 
 
-def wait(job: Any) -> str | None:
-    """Until ``job`` is done (None), or gone: SLURM's last word on it. submitit's done()
-    looks for the result file, and asks sacct at a growing interval, which may not know
-    the job (no accounting) or may have stopped answering (slurmdbd down: its last state
-    is kept). So a SLURM job that squeue has twice, QUEUE_POLL_S apart, said has ended
-    (or no longer knows), without a result file, is gone."""
-    from submitit.slurm.slurm import SlurmJob
-
-    missed = False  # not active at squeue's last answer
-    asked = time.monotonic()
+def wait(job: Any, queue: Queue | None) -> str | None:
+    """Until ``job`` is done (None), or gone: SLURM's last word on it (``queue``).
+    submitit's done() looks for the result file, and asks sacct at a growing interval;
+    sacct may not know the job (no accounting) or may have stopped answering (slurmdbd
+    down: its last state is kept)."""
     while not job.done():
-        if isinstance(job, SlurmJob) and time.monotonic() - asked >= QUEUE_POLL_S:
-            asked = time.monotonic()
-            ended = ended_state(job.job_id)
-            if ended is not None and missed and not job.done():
-                return ended
-            missed = ended is not None
+        ended = queue.ended(job.job_id) if queue is not None else None
+        if ended is not None and not job.done():
+            return ended
         time.sleep(POLL_S)
     return None
 
 
-def ended_state(job_id: str) -> str | None:
-    """How SLURM's controller says the job ended (squeue), or None while it is active or
-    squeue cannot answer (the controller down: keep waiting)."""
+class Queue:
+    """What squeue says of a sweep's SLURM jobs, asked at most every QUEUE_POLL_S. A
+    job has ended when squeue has said so twice in a row: an ended state, or no longer
+    listing a job it listed before (MinJobAge). A job it never listed (another cluster's,
+    submitted with -M) is left to submitit; when squeue cannot answer (the controller
+    down), nothing is concluded."""
+
+    def __init__(self, job_ids: Sequence[str]) -> None:
+        self.arrays = sorted({i.split("_")[0] for i in job_ids})  # one squeue for all
+        self.job_ids = list(job_ids)
+        self.seen: set[str] = set()
+        self.said: dict[str, str] = {}  # job id: how it ended, at squeue's last answer
+        self.strikes: dict[str, int] = {}
+        self.asked = time.monotonic()
+
+    def ended(self, job_id: str) -> str | None:
+        if time.monotonic() - self.asked >= QUEUE_POLL_S:
+            self.asked = time.monotonic()
+            self.update(squeue(self.arrays))
+        return self.said.get(job_id) if self.strikes.get(job_id, 0) >= 2 else None
+
+    def update(self, states: dict[str, str] | None) -> None:
+        if states is None:
+            return
+        self.seen |= states.keys()
+        for job_id in self.job_ids:
+            state = states.get(job_id)
+            if state in ENDED:
+                self.said[job_id] = f"state {state}"
+            elif state is None and job_id in self.seen:
+                self.said[job_id] = "no longer known to SLURM"
+            else:
+                self.said.pop(job_id, None)
+            self.strikes[job_id] = self.strikes.get(job_id, 0) + 1 if job_id in self.said else 0
+
+
+def squeue(jobs: Sequence[str]) -> dict[str, str] | None:
+    """SLURM's state of each job (array task) it still knows of ``jobs``; None when it
+    cannot answer."""
     try:
         out = subprocess.run(
-            ["squeue", "--noheader", "--array", "--states=all", "--format=%T",
-             f"--jobs={job_id}"],
+            ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T",
+             "--jobs=" + ",".join(jobs)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:  # it forgot the job (MinJobAge), or cannot answer
-        return "no longer known to SLURM" if "Invalid job id" in out.stderr else None
-    state = out.stdout.strip()
-    if not state:
-        return "no longer known to SLURM"
-    return f"state {state}" if state in ENDED else None
+    if out.returncode != 0:  # it has forgotten every one of them (MinJobAge), or is down
+        return {} if "Invalid job id" in out.stderr else None
+    pairs = (line.split(None, 1) for line in out.stdout.splitlines())
+    return {pair[0]: pair[1].strip() for pair in pairs if len(pair) == 2}
 
 
 def result(
