@@ -434,26 +434,28 @@ stepd_pids() {
         | cut -d/ -f3 | sort -un
 }
 
+# wait_exit TRIES PID...: up to TRIES x 0.2 s for every PID to exit; those still alive in LEFT
+wait_exit() {
+    local tries=$1 i p
+    shift
+    for ((i = 0; i < tries; i++)); do
+        LEFT=()
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && LEFT+=("$p"); done
+        ((${#LEFT[@]})) || return 0
+        sleep 0.2
+    done
+    return 1
+}
+
 stop_pids() {  # stop_pids WHAT PID...: TERM, wait up to 30 s, then KILL and wait
-    local what=$1; shift
+    local what=$1
+    shift
     (($#)) || return 0
     kill -TERM "$@" 2>/dev/null || true
-    local i p left=()
-    for ((i = 0; i < 150; i++)); do
-        left=()
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
-        ((${#left[@]})) || return 0
-        sleep 0.2
-    done
-    say "$what still running after 30 s: SIGKILL ${left[*]}"
-    kill -KILL "${left[@]}" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        left=()
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
-        ((${#left[@]})) || return 0
-        sleep 0.2
-    done
-    die "$what did not exit: ${left[*]}"
+    wait_exit 150 "$@" && return 0
+    say "$what still running after 30 s: SIGKILL ${LEFT[*]}"
+    kill -KILL "${LEFT[@]}" 2>/dev/null || true
+    wait_exit 50 "$@" || die "$what did not exit: ${LEFT[*]}"
 }
 
 # stop_stage NAME...: stop these daemons together (by PID file) and wait for all of them.
