@@ -10,7 +10,6 @@ during the write leaves the previous one intact.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from gradexp.config import EXECUTION_KEYS, Config, Schedule, flat
 from gradexp.errors import ConfigError, shorten
-from gradexp.rundir import CHECKPOINT_FILE, SUMMARY_FILE, write_bytes_atomic
+from gradexp.rundir import CHECKPOINT_FILE, read_summary, write_bytes_atomic
 
 # The layout of a checkpoint (gradexp.train.Trainer.state_dict); another one is refused.
 CHECKPOINT_FORMAT = 2
@@ -272,10 +271,7 @@ def continuation(run_dir: Path, steps: int) -> tuple[str, dict[str, Any] | None]
     - "new": the directory holds no run.
     """
     run_dir = Path(run_dir)
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        summary = None
+    summary = read_summary(run_dir)
     status = (summary or {}).get("status")
     done = (status == "completed" and (summary or {}).get("steps", 0) >= steps) or (
         status == "diverged"
@@ -344,8 +340,5 @@ def never_started(run_dir: Path) -> bool:
     """A run stopped before its training loop: its summary.json says interrupted at step
     0 (a job a stopped sweep never started, one SLURM signalled or killed while it was
     being built). Resuming it is starting it: there is nothing to continue."""
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        return False
+    summary = read_summary(run_dir) or {}
     return summary.get("status") == "interrupted" and summary.get("steps") == 0

@@ -112,6 +112,16 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     write_text_atomic(Path(output_dir) / SUMMARY_FILE, summary_text(summary))
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json, or None when there is none to read (missing, truncated,
+    not a summary)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def minimal_summary(status: str, error: str | None) -> dict[str, Any]:
     """The summary of a run that never reached its loop (failed early, or not started)."""
     return {"status": status, "error": error, "steps": 0, "verdicts": []}
@@ -121,11 +131,9 @@ def holds_run(run_dir: Path) -> str | None:
     """What of a run ``run_dir`` already holds (its summary's status, or "a checkpoint",
     or "a run's files"), or None for a directory no run has used."""
     run_dir = Path(run_dir)
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary = read_summary(run_dir)
+    if summary is not None:
         return f"a {summary.get('status', 'finished')} run ({summary.get('steps', '?')} steps)"
-    except (OSError, ValueError, AttributeError):
-        pass
     if (run_dir / CHECKPOINT_FILE).exists():
         return "an interrupted run (checkpoint.pt)"
     if any(run_dir.glob("events.out.tfevents.*")):

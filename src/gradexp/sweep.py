@@ -11,7 +11,6 @@ preempted one continues from its checkpoint (gradexp.checkpoint.continuation).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from gradexp.errors import ConfigError
-from gradexp.rundir import SUMMARY_FILE
+from gradexp.rundir import read_summary
 
 MULTIRUN_FILE = "multirun.yaml"  # Hydra's record of the sweep, in its directory
 RESUME_SWEEP_ENV = "GRADEXP_RESUME_SWEEP"  # preflight lets this sweep dir hold jobs
@@ -80,9 +79,8 @@ def report(sweep_dir: Path, lost: Iterable[int] = ()) -> SweepReport:
     numbers = {d.name.split("_", 1)[0] for d in jobs}
     out.missing.extend(f"#{n}" for n in sorted(lost) if str(n) not in numbers)
     for job in sorted(jobs, key=lambda d: (len(d.name.split("_")[0]), d.name)):
-        try:
-            summary = json.loads((job / SUMMARY_FILE).read_text())
-        except (OSError, ValueError):
+        summary = read_summary(job)
+        if summary is None:
             out.missing.append(job.name)
             continue
         if summary.get("status") != "interrupted":
