@@ -370,8 +370,10 @@ def _resume(args: list[str]) -> None:
             " train a finished run on."
         )
         raise SystemExit(0 if args else 2)
+    from gradexp.sweep import MULTIRUN_FILE
+
     run_dir, extra = Path(args[0]), args[1:]
-    if (run_dir / "multirun.yaml").is_file():
+    if (run_dir / MULTIRUN_FILE).is_file():
         return _resume_sweep(run_dir, extra)
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
